@@ -1,0 +1,104 @@
+"""The Faust shell: app factory, topics, tables and thin agents around the pure core.
+
+An agent decodes, loads state, calls a core step, writes the new state back (a table writes its
+changelog only on assignment), sends outputs and observes metrics. Nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.sensors.prometheus import setup_prometheus_sensors
+from prometheus_client import CollectorRegistry
+
+from stream_app.core.counts import count_event
+from stream_app.core.events import InvalidEvent, parse_event
+from stream_app.metrics import Metrics
+from stream_app.settings import Settings
+from stream_app.wire import dead_letter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamApp:
+    """The Faust app plus the handles tests and the CLI need."""
+
+    app: faust.App
+    settings: Settings
+    metrics: Metrics
+    events_topic: Any
+    dead_letters: Any
+    event_counts: Any
+    count_events: Any
+
+
+def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
+    """SASL (SCRAM/PLAIN) over TLS when a mechanism is configured; None for a plaintext broker."""
+    if not settings.broker_credentials_mechanism:
+        return None
+    ctx = ssl.create_default_context(cafile=settings.broker_cafile or None)
+    return faust.SASLCredentials(
+        username=settings.broker_username,
+        password=settings.broker_password.get_secret_value(),
+        mechanism=settings.broker_credentials_mechanism,
+        ssl_context=ctx,
+    )
+
+
+def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> StreamApp:
+    settings = settings or Settings()
+    metrics = Metrics.create(registry)
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker,
+        broker_credentials=broker_credentials(settings),
+        store=settings.store,
+        datadir=settings.datadir,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        processing_guarantee=settings.processing_guarantee,
+        web_bind=settings.web_bind,
+        web_port=settings.web_port,
+        web_tables_enabled=settings.table_views,
+        key_serializer="json",  # table keys (user ids) as JSON strings; input topics override to raw
+        value_serializer="json",
+        autodiscover=False,
+    )
+    setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
+
+    events_topic = app.topic(
+        *settings.input_topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")
+    event_counts = app.Table("event_counts", default=dict, partitions=settings.topic_partitions)
+    max_bytes = settings.max_event_bytes
+    consumed, rejected, seconds = metrics.events_consumed, metrics.events_rejected, metrics.processing_seconds
+
+    async def count_events(stream: Any) -> Any:
+        """Count valid events per user; dead-letter the rest and keep going."""
+        async for e in stream.events():
+            t0 = time.perf_counter()
+            try:
+                event = parse_event(e.value, max_bytes)
+            except InvalidEvent as bad:
+                msg = e.message
+                await dead_letters.send(
+                    key=e.key,
+                    value=dead_letter(e.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason),
+                )
+                rejected[bad.code].inc()
+                log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
+                continue
+            event_counts[event.user_id] = count_event(event_counts[event.user_id], event)
+            consumed[event.type].inc()
+            seconds.observe(time.perf_counter() - t0)
+            yield event.user_id
+
+    agent = app.agent(events_topic, name="count_events")(count_events)
+    return StreamApp(app, settings, metrics, events_topic, dead_letters, event_counts, agent)

@@ -1,0 +1,235 @@
+"""``stream-app``: the command line. click is already a Faust dependency, so it costs nothing extra."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import click
+import orjson
+
+from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version, metadata_round_trip
+
+
+def _settings():
+    from stream_app.settings import Settings
+
+    return Settings()
+
+
+def _local_for(settings) -> LocalKafka:
+    first = settings.broker.split(";")[0]
+    port = urlparse(first).port or 9092
+    return LocalKafka(port=port)
+
+
+DEMO_TOPICS = {"clicks": "clicks", "likes": "likes", "payments": "payments", "dead_letter": "dead-letters"}
+COUNTERS = ("stream_app_events_consumed_total{", "stream_app_events_rejected_total{")
+
+
+@click.group()
+def main() -> None:
+    """stream_app: real-time push targeting on Kafka. Settings come from STREAM_APP_* variables."""
+
+
+@main.group()
+def kafka() -> None:
+    """A local single-node KRaft broker from the official Apache Kafka jars (needs Java 17 + Maven)."""
+
+
+@kafka.command("up")
+@click.option("--port", type=int, default=None, help="client port (default: from STREAM_APP_BROKER)")
+def kafka_up(port: int | None) -> None:
+    k = LocalKafka(port=port) if port else _local_for(_settings())
+    try:
+        took = k.up()
+    except BrokerError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"Kafka {kafka_version()} ready at {k.bootstrap} in {took:.1f}s (log: {k.log_file})")
+
+
+@kafka.command("down")
+@click.option("--port", type=int, default=None)
+def kafka_down(port: int | None) -> None:
+    k = LocalKafka(port=port) if port else _local_for(_settings())
+    click.echo("stopped" if k.down() else f"no broker running on port {k.port}")
+
+
+@kafka.command("status")
+@click.option("--port", type=int, default=None)
+def kafka_status(port: int | None) -> None:
+    k = LocalKafka(port=port) if port else _local_for(_settings())
+    click.echo(k.status())
+
+
+@main.command("topics")
+def topics() -> None:
+    """Create the input, dead-letter topics with the configured partition count."""
+    from stream_app.kafka_io import create_topics
+
+    s = _settings()
+    made = asyncio.run(
+        create_topics(
+            s.bootstrap_servers, [*s.input_topics, s.dead_letter_topic], s.topic_partitions, s.topic_replication
+        )
+    )
+    click.echo(f"created: {', '.join(made) or 'nothing (all exist)'}")
+
+
+@main.command("worker")
+@click.option("--loglevel", default="info")
+def worker(loglevel: str) -> None:
+    """Run one Faust worker (blocks; SIGTERM/SIGINT stop it cleanly)."""
+    import faust
+
+    from stream_app.app import create_app
+
+    sa = create_app(_settings())
+    faust.Worker(sa.app, loglevel=loglevel).execute_from_commandline()
+
+
+def sample_events(n_users: int, n_events: int, seed: int, t0_ms: int) -> list[tuple[str, str, dict]]:
+    """A small, seeded, readable sample: (topic-kind, user, event) triples."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_events):
+        user = f"user-{rng.randrange(n_users):03d}"
+        etype = rng.choices(["click", "like", "payment"], weights=[70, 20, 10])[0]
+        ev = {"event_id": f"demo-{seed}-{i}", "type": etype, "user_id": user, "ts": t0_ms + i * 1000}
+        if etype == "payment":
+            ev["amount"] = round(rng.uniform(5, 120), 2)
+            ev["currency"] = "EUR"
+        out.append((etype, user, ev))
+    return out
+
+
+@main.command("demo")
+@click.option("--users", default=25, show_default=True)
+@click.option("--events", default=500, show_default=True)
+@click.option("--seed", default=7, show_default=True)
+@click.option("--keep-broker", is_flag=True, help="leave the local broker running afterwards")
+def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
+    """Broker up, topics, a worker, sample events, then show what happened, and shut down."""
+    from stream_app.kafka_io import create_topics, latest_by_key, produce, read_to_end
+
+    s = _settings()
+    local = _local_for(s)
+    bs = s.bootstrap_servers
+    started_broker = False
+    if metadata_round_trip(bs, timeout=3):
+        click.echo(f"1/5 using the Kafka broker already answering at {bs}")
+    else:
+        click.echo(f"1/5 starting a local Kafka {kafka_version()} on {local.bootstrap} ...")
+        try:
+            took = local.up()
+        except BrokerError as e:
+            raise click.ClickException(str(e)) from None
+        started_broker = True
+        click.echo(f"    ready in {took:.1f}s (log: {local.log_file})")
+    run_id = f"{int(time.time())}"
+    # A fresh app id and topics per run, so a demo never counts the events of an earlier one.
+    env = {**os.environ, "STREAM_APP_APP_ID": f"{s.app_id}-demo-{run_id}"}
+    env |= {
+        f"STREAM_APP_{n.upper()}_TOPIC": f"{n}-demo-{run_id}" for n in ("clicks", "likes", "payments", "dead_letter")
+    }
+    s = s.model_copy(
+        update={f"{n}_topic": f"{n}-demo-{run_id}" for n in ("clicks", "likes", "payments", "dead_letter")}
+    )
+    made = asyncio.run(create_topics(bs, [*s.input_topics, s.dead_letter_topic], s.topic_partitions))
+    click.echo(f"2/5 topics ready ({', '.join(made) or 'all existed'})")
+
+    log_path = Path(s.datadir) / f"demo-worker-{run_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    click.echo(f"3/5 starting a worker (log: {log_path}) ...")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app", "worker", "--loglevel", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        metrics_url = f"http://{s.web_bind}:{s.web_port}/metrics"
+        _wait_for(lambda: _get(metrics_url) is not None, 60, proc, log_path, "worker web server")
+        t0_ms = int(time.time() * 1000)
+        sample = sample_events(users, events, seed, t0_ms)
+        topic_of = dict(zip(("click", "like", "payment"), s.input_topics, strict=True))
+        records = [(topic_of[k], u.encode(), orjson.dumps(ev)) for k, u, ev in sample]
+        records += [(s.clicks_topic, b"user-000", b"{not json"), (s.payments_topic, None, b'{"type":"payment"}')]
+        t_send = time.monotonic()
+        asyncio.run(produce(bs, records))
+        click.echo(f"4/5 produced {len(sample)} events for {users} users + 2 malformed messages")
+
+        def processed() -> float:
+            body = _get(metrics_url) or ""
+            return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(COUNTERS))
+
+        _wait_for(lambda: processed() >= len(records), 120, proc, log_path, "all events processed")
+        click.echo(f"    all {len(records)} messages handled {time.monotonic() - t_send:.1f}s after sending")
+        body = _get(metrics_url) or ""
+        _stop(proc)  # a clean shutdown flushes the changelog; what follows is read back from Kafka
+        changelog = f"{env['STREAM_APP_APP_ID']}-event_counts-changelog"
+        state = latest_by_key(asyncio.run(read_to_end(bs, changelog, 30, "read_uncommitted")))
+        counts = {orjson.loads(k): orjson.loads(v) for k, v in state.items()}
+        dead = asyncio.run(read_to_end(bs, s.dead_letter_topic, 30, "read_uncommitted"))
+        click.echo("5/5 what happened:")
+        for line in body.splitlines():
+            if line.startswith(COUNTERS) and not line.endswith(" 0.0"):
+                click.echo(f"    {line}")
+        click.echo(f"    state (table event_counts, rebuilt from Kafka topic {changelog}): {len(counts)} users")
+        top = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:5]
+        for user, c in top:
+            click.echo(f"      {user}: {c}")
+        click.echo(f"    dead-letter topic {s.dead_letter_topic!r} holds {len(dead)} records; latest reason: "
+                   f"{orjson.loads(dead[-1][1])['reason'] if dead else '-'}")  # fmt: skip
+        click.echo(f"    metrics were served at {metrics_url} (Prometheus text format)")
+        total = sum(sum(c.values()) for c in counts.values())
+        if total != len(sample):
+            raise click.ClickException(f"state counts {total} events, expected {len(sample)}")
+    finally:
+        _stop(proc)
+        if started_broker and not keep_broker:
+            local.down()
+            click.echo("worker and broker stopped")
+        else:
+            click.echo("worker stopped; broker left running")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def _wait_for(cond, timeout: float, proc: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise click.ClickException(f"worker exited ({proc.returncode}) while waiting for {what}:\n{tail}")
+        if cond():
+            return
+        time.sleep(0.3)
+    raise click.ClickException(f"timed out after {timeout}s waiting for {what} (log: {log})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Plain aiokafka helpers for the edges: topic creation, producing samples, reading a topic to its end.
+
+Used by the CLI's demo and by integration tests, so both observe Kafka the way an outside service does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+
+async def create_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int = 1) -> list[str]:
+    """Create missing topics; return the names that were created (existing ones are left alone)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(n, partitions, replication) for n in wanted])
+        return wanted
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
+    """Send (topic, key, value) records and wait for every ack."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+async def read_to_end(
+    bootstrap: str, topic: str, timeout: float = 10.0, isolation_level: str = "read_committed"
+) -> list[tuple[bytes | None, bytes | None]]:
+    """Every (key, value) in ``topic`` from the beginning up to its end offsets at call time."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level,
+        auto_offset_reset="earliest", group_id=None,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        parts = await partitions_of(bootstrap, topic)
+        if not parts:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: list[tuple[bytes | None, bytes | None]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            if loop.time() > deadline:
+                raise TimeoutError(f"reading {topic} to its end took over {timeout}s")
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                out.extend((m.key, m.value) for m in msgs)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    """Partition ids of ``topic`` ([] if it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (desc,) = await admin.describe_topics([topic])
+        return sorted(p["partition"] for p in desc.get("partitions", []))
+    finally:
+        await admin.close()
+
+
+def latest_by_key(records: Iterable[tuple[bytes | None, bytes | None]]) -> dict[bytes, bytes]:
+    """Compact a changelog: the last value per key; a None value (tombstone) deletes the key."""
+    state: dict[bytes, bytes] = {}
+    for k, v in records:
+        if k is None:
+            continue
+        if v is None:
+            state.pop(k, None)
+        else:
+            state[k] = v
+    return state

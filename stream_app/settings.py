@@ -1,0 +1,57 @@
+"""The one typed settings object, read from ``STREAM_APP_*`` environment variables at the edge.
+
+pydantic-settings gives typed parsing, validation errors that name the variable, and ``SecretStr``
+masking for free; hand-written ``os.environ`` parsing would re-implement all three, worse.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a worker needs to know about its environment. Nothing else reads os.environ."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAM_APP_", frozen=True, extra="ignore")
+
+    app_id: str = "stream-app"
+    broker: str = Field("kafka://127.0.0.1:9092", description="Faust broker URL(s), kafka://host:port;...")
+    store: str = Field("memory://", description="table store; state is rebuilt from Kafka changelogs")
+    datadir: str = "/tmp/stream-app-data"
+    topic_partitions: int = Field(4, ge=1, description="partitions of the topics the app creates")
+    topic_replication: int = Field(1, ge=1)
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+
+    clicks_topic: str = "clicks"
+    likes_topic: str = "likes"
+    payments_topic: str = "payments"
+    dead_letter_topic: str = "dead-letters"
+    max_event_bytes: int = Field(64 * 1024, ge=256, description="larger payloads are dead-lettered")
+
+    web_bind: str = Field("127.0.0.1", description="metrics web server address; 0.0.0.0 exposes it")
+    web_port: int = Field(6066, ge=1, le=65535)
+    table_views: bool = Field(False, description="Faust's /table pages expose user data: off by default")
+
+    broker_credentials_mechanism: Literal["", "SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = ""
+    broker_username: str = ""
+    broker_password: SecretStr = SecretStr("")
+    broker_cafile: str = Field("", description="CA bundle for TLS to the brokers (SASL_SSL)")
+
+    @field_validator("broker")
+    @classmethod
+    def _kafka_url(cls, v: str) -> str:
+        if not v.startswith("kafka://"):
+            raise ValueError("broker must be a kafka:// URL, e.g. kafka://127.0.0.1:9092")
+        return v
+
+    @property
+    def input_topics(self) -> tuple[str, str, str]:
+        return (self.clicks_topic, self.likes_topic, self.payments_topic)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker list in the form plain Kafka clients (aiokafka) take."""
+        return ",".join(u.removeprefix("kafka://") for u in self.broker.split(";"))
