@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     consumed, rejected, seconds = metrics.events_consumed, metrics.events_rejected, metrics.processing_seconds
 
     async def count_events(stream: Any) -> Any:
-        """Count valid events per user; dead-letter the rest and keep going."""
+        """Count valid events per user; dead-letter the rest and keep going. Yields each event's outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
             try:
@@ -94,11 +94,12 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 )
                 rejected[bad.code].inc()
                 log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
+                yield ("dead_letter", bad.code)
                 continue
             event_counts[event.user_id] = count_event(event_counts[event.user_id], event)
             consumed[event.type].inc()
             seconds.observe(time.perf_counter() - t0)
-            yield event.user_id
+            yield ("counted", event.type)
 
     agent = app.agent(events_topic, name="count_events")(count_events)
     return StreamApp(app, settings, metrics, events_topic, dead_letters, event_counts, agent)

@@ -31,7 +31,7 @@ async def create_topics(bootstrap: str, names: Iterable[str], partitions: int, r
 
 async def produce(bootstrap: str, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
     """Send (topic, key, value) records and wait for every ack."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=True)
     await producer.start()
     try:
         futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
@@ -80,6 +80,22 @@ async def partitions_of(bootstrap: str, topic: str) -> list[int]:
         (desc,) = await admin.describe_topics([topic])
         return sorted(p["partition"] for p in desc.get("partitions", []))
     finally:
+        await admin.close()
+
+
+async def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int:
+    """Messages in ``topics`` not yet committed by consumer group ``group`` (its lag)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in await partitions_of(bootstrap, t)]
+        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+        end = await consumer.end_offsets(tps)
+        return sum(end[tp] - max(committed.get(tp).offset if committed.get(tp) else 0, 0) for tp in tps)
+    finally:
+        await consumer.stop()
         await admin.close()
 
 

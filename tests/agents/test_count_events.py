@@ -1,0 +1,41 @@
+"""The counting agent through Faust's test_context(): no broker, the real agent code and table."""
+
+from unittest.mock import AsyncMock
+
+import orjson
+import pytest
+
+from stream_app.app import create_app
+from stream_app.settings import Settings
+
+
+@pytest.fixture
+def sa(tmp_path):
+    return create_app(Settings(app_id="agent-test", datadir=str(tmp_path), store="memory://"))
+
+
+def ev(i: int, user: str, etype: str = "click") -> bytes:
+    return orjson.dumps({"event_id": f"e{i}", "type": etype, "user_id": user, "ts": 1_700_000_000_000 + i})
+
+
+async def test_counts_per_user_and_type(sa):
+    async with sa.count_events.test_context() as agent:
+        for i, (user, etype) in enumerate([("a", "click"), ("a", "payment"), ("b", "like"), ("a", "click")]):
+            await agent.put(ev(i, user, etype), key=user.encode())
+        assert sa.event_counts["a"] == {"click": 2, "payment": 1}
+        assert sa.event_counts["b"] == {"like": 1}
+    assert sa.metrics.events_consumed["click"]._value.get() == 2
+
+
+async def test_bad_input_is_dead_lettered_and_the_stream_continues(sa):
+    sa.dead_letters.send = AsyncMock()  # the real send is proven against Kafka in tests/integration
+    async with sa.count_events.test_context() as agent:
+        await agent.put(b"\xffnot json", key=b"a")
+        await agent.put(ev(1, "a"), key=b"a")
+        assert list(agent.results.values()) == [("dead_letter", "malformed_json"), ("counted", "click")]
+    (call,) = sa.dead_letters.send.await_args_list
+    record = orjson.loads(call.kwargs["value"])
+    assert record["error_code"] == "malformed_json" and record["reason"]
+    assert record["value_b64"] == "/25vdCBqc29u"
+    assert sa.event_counts["a"] == {"click": 1}
+    assert sa.metrics.events_rejected["malformed_json"]._value.get() == 1
