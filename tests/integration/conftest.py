@@ -59,7 +59,8 @@ def kafka_bootstrap() -> Iterator[str]:
     except BrokerError as e:
         pytest.fail(f"no Kafka broker for integration tests (no KAFKA_BOOTSTRAP_SERVERS, no Docker engine, "
                     f"local broker failed): {e}")  # fmt: skip
-    print(f"\n[kafka] local Apache Kafka {kafka_version()} at {local.bootstrap}, ready in {took:.1f}s, log {local.log_file}")
+    print(f"\n[kafka] local Apache Kafka {kafka_version()} at {local.bootstrap}, ready in {took:.1f}s")
+    print(f"[kafka] broker log: {local.log_file}")
     yield local.bootstrap
     if started:
         local.down()

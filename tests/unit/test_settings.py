@@ -22,7 +22,11 @@ def test_safe_defaults():
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("STREAM_APP_BROKER", "127.0.0.1:9092"), ("STREAM_APP_PROCESSING_GUARANTEE", "twice"), ("STREAM_APP_WEB_PORT", "0")],
+    [
+        ("STREAM_APP_BROKER", "127.0.0.1:9092"),
+        ("STREAM_APP_PROCESSING_GUARANTEE", "twice"),
+        ("STREAM_APP_WEB_PORT", "0"),
+    ],
 )
 def test_bad_values_name_the_setting(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
