@@ -137,12 +137,9 @@ def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
     run_id = f"{int(time.time())}"
     # A fresh app id and topics per run, so a demo never counts the events of an earlier one.
     env = {**os.environ, "STREAM_APP_APP_ID": f"{s.app_id}-demo-{run_id}"}
-    env |= {
-        f"STREAM_APP_{n.upper()}_TOPIC": f"{n}-demo-{run_id}" for n in ("clicks", "likes", "payments", "dead_letter")
-    }
-    s = s.model_copy(
-        update={f"{n}_topic": f"{n}-demo-{run_id}" for n in ("clicks", "likes", "payments", "dead_letter")}
-    )
+    topics = {f"{field}_topic": f"{name}-demo-{run_id}" for field, name in DEMO_TOPICS.items()}
+    env |= {f"STREAM_APP_{k.upper()}": v for k, v in topics.items()}
+    s = s.model_copy(update=topics)
     made = asyncio.run(create_topics(bs, [*s.input_topics, s.dead_letter_topic], s.topic_partitions))
     click.echo(f"2/5 topics ready ({', '.join(made) or 'all existed'})")
 

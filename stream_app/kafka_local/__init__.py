@@ -15,6 +15,7 @@ Layout under ``home`` (default ``~/.cache/stream_app``, env ``STREAM_APP_HOME``)
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -284,4 +285,11 @@ def metadata_round_trip(bootstrap: str, timeout: float = 10.0) -> bool:
         finally:
             await admin.close()
 
-    return asyncio.run(probe())
+    # "cannot connect" is the expected answer while a broker starts: keep it out of the console
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(probe())
+    finally:
+        quiet.setLevel(level)
