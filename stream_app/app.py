@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     event_counts = app.Table("event_counts", default=dict, partitions=settings.topic_partitions)
     max_bytes = settings.max_event_bytes
     consumed, rejected, seconds = metrics.events_consumed, metrics.events_rejected, metrics.processing_seconds
+    duplicates = metrics.duplicates_dropped
 
     async def count_events(stream: Any) -> Any:
         """Count valid events per user; dead-letter the rest and keep going. Yields each event's outcome."""
@@ -96,7 +97,12 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
                 yield ("dead_letter", bad.code)
                 continue
-            event_counts[event.user_id] = count_event(event_counts[event.user_id], event)
+            state, applied = count_event(event_counts[event.user_id], event)
+            if not applied:
+                duplicates.inc()
+                yield ("duplicate", event.type)
+                continue
+            event_counts[event.user_id] = state
             consumed[event.type].inc()
             seconds.observe(time.perf_counter() - t0)
             yield ("counted", event.type)

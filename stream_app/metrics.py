@@ -25,6 +25,7 @@ class Metrics:
     events_consumed: dict[str, Counter]
     events_rejected: dict[str, Counter]
     processing_seconds: Histogram
+    duplicates_dropped: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -42,9 +43,15 @@ class Metrics:
             buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 5e-2, 0.25, 1.0),
             registry=registry,
         )  # fmt: skip
+        duplicates = Counter(
+            "stream_app_duplicates_dropped_total",
+            "Redelivered or duplicated events (same event_id) applied no second time.",
+            registry=registry,
+        )
         return cls(
             registry=registry,
             events_consumed={t: consumed.labels(type=t) for t in EVENT_TYPES},
             events_rejected={c: rejected.labels(reason=c) for c in REJECT_CODES},
             processing_seconds=seconds,
+            duplicates_dropped=duplicates,
         )

@@ -22,8 +22,11 @@ async def test_counts_per_user_and_type(sa):
     async with sa.count_events.test_context() as agent:
         for i, (user, etype) in enumerate([("a", "click"), ("a", "payment"), ("b", "like"), ("a", "click")]):
             await agent.put(ev(i, user, etype), key=user.encode())
-        assert sa.event_counts["a"] == {"click": 2, "payment": 1}
-        assert sa.event_counts["b"] == {"like": 1}
+        await agent.put(ev(0, "a", "click"), key=b"a")  # a redelivery of e0
+        assert sa.event_counts["a"]["counts"] == {"click": 2, "payment": 1}
+        assert sa.event_counts["b"]["counts"] == {"like": 1}
+        assert list(agent.results.values())[-1] == ("duplicate", "click")
+    assert sa.metrics.duplicates_dropped._value.get() == 1
     assert sa.metrics.events_consumed["click"]._value.get() == 2
 
 
@@ -37,5 +40,5 @@ async def test_bad_input_is_dead_lettered_and_the_stream_continues(sa):
     record = orjson.loads(call.kwargs["value"])
     assert record["error_code"] == "malformed_json" and record["reason"]
     assert record["value_b64"] == "/25vdCBqc29u"
-    assert sa.event_counts["a"] == {"click": 1}
+    assert sa.event_counts["a"]["counts"] == {"click": 1}
     assert sa.metrics.events_rejected["malformed_json"]._value.get() == 1

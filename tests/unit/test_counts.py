@@ -4,15 +4,30 @@ from hypothesis import strategies as st
 from stream_app.core.counts import count_event
 from stream_app.core.events import EVENT_TYPES, Event
 
+events = st.lists(st.tuples(st.integers(0, 30), st.sampled_from(EVENT_TYPES)), max_size=60)
 
-@given(st.lists(st.sampled_from(EVENT_TYPES), max_size=50))
-def test_counts_sum_to_events_and_inputs_are_not_mutated(types):
+
+@given(events)
+def test_each_event_id_counts_once_and_inputs_are_not_mutated(evs):
     state = None
-    for i, t in enumerate(types):
-        before = dict(state) if state else None
-        new = count_event(state, Event(f"e{i}", t, "u", i))
+    for i, t in evs:
+        before = {"counts": dict(state["counts"]), "seen": list(state["seen"])} if state else None
+        new, _ = count_event(state, Event(f"e{i}", t, "u", i), dedup_ids=64)
         assert state == before  # a Faust table only persists what is assigned, so never mutate in place
         state = new
-    assert sum((state or {}).values()) == len(types)
+    first_type = {}
+    for i, t in evs:
+        first_type.setdefault(i, t)  # a redelivery carries the same event; only the first one counts
+    counts = state["counts"] if state else {}
     for t in EVENT_TYPES:
-        assert (state or {}).get(t, 0) == types.count(t)
+        assert counts.get(t, 0) == list(first_type.values()).count(t)
+
+
+@given(st.integers(1, 50), st.integers(1, 200))
+def test_dedup_memory_is_bounded(window, n):
+    state = None
+    for i in range(n):
+        state, applied = count_event(state, Event(f"e{i}", "click", "u", i), dedup_ids=window)
+        assert applied
+    assert len(state["seen"]) == min(window, n)
+    assert state["counts"]["click"] == n
