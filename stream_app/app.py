@@ -17,7 +17,7 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
 from stream_app.core.counts import count_event
-from stream_app.core.events import InvalidEvent, parse_event
+from stream_app.core.events import EventLimits, InvalidEvent, parse_event
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 from stream_app.wire import dead_letter
@@ -77,7 +77,11 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     )
     dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")
     event_counts = app.Table("event_counts", default=dict, partitions=settings.topic_partitions)
-    max_bytes = settings.max_event_bytes
+    limits = EventLimits(
+        max_bytes=settings.max_event_bytes,
+        max_future_ms=settings.max_future_skew_s * 1000,
+        max_past_ms=settings.max_past_skew_s * 1000,
+    )
     consumed, rejected, seconds = metrics.events_consumed, metrics.events_rejected, metrics.processing_seconds
     duplicates = metrics.duplicates_dropped
 
@@ -86,7 +90,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         async for e in stream.events():
             t0 = time.perf_counter()
             try:
-                event = parse_event(e.value, max_bytes)
+                event = parse_event(e.value, limits, ref_ms=int(e.message.timestamp * 1000))
             except InvalidEvent as bad:
                 msg = e.message
                 await dead_letters.send(

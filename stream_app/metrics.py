@@ -15,7 +15,7 @@ from stream_app.core.events import EVENT_TYPES
 
 REJECT_CODES = (
     "oversize", "malformed_json", "not_an_object", "missing_field", "wrong_type",
-    "unknown_type", "bad_timestamp",
+    "unknown_type", "bad_timestamp", "ts_out_of_range", "bad_amount", "bad_timezone",
 )  # fmt: skip
 
 

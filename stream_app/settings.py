@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     payments_topic: str = "payments"
     dead_letter_topic: str = "dead-letters"
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger payloads are dead-lettered")
+    max_future_skew_s: int = Field(86_400, ge=0, description="event ts may lead the Kafka record time by this")
+    max_past_skew_s: int = Field(365 * 86_400, ge=0, description="event ts may trail the Kafka record time by this")
 
     web_bind: str = Field("127.0.0.1", description="metrics web server address; 0.0.0.0 exposes it")
     web_port: int = Field(6066, ge=1, le=65535)

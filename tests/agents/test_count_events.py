@@ -14,15 +14,19 @@ def sa(tmp_path):
     return create_app(Settings(app_id="agent-test", datadir=str(tmp_path), store="memory://"))
 
 
+T0 = 1_700_000_000  # the Kafka record time (seconds) every test message carries
+
+
 def ev(i: int, user: str, etype: str = "click") -> bytes:
-    return orjson.dumps({"event_id": f"e{i}", "type": etype, "user_id": user, "ts": 1_700_000_000_000 + i})
+    body = {"event_id": f"e{i}", "type": etype, "user_id": user, "ts": T0 * 1000 + i}
+    return orjson.dumps(body | ({"amount": 10} if etype == "payment" else {}))
 
 
 async def test_counts_per_user_and_type(sa):
     async with sa.count_events.test_context() as agent:
         for i, (user, etype) in enumerate([("a", "click"), ("a", "payment"), ("b", "like"), ("a", "click")]):
-            await agent.put(ev(i, user, etype), key=user.encode())
-        await agent.put(ev(0, "a", "click"), key=b"a")  # a redelivery of e0
+            await agent.put(ev(i, user, etype), key=user.encode(), timestamp=T0)
+        await agent.put(ev(0, "a", "click"), key=b"a", timestamp=T0)  # a redelivery of e0
         assert sa.event_counts["a"]["counts"] == {"click": 2, "payment": 1}
         assert sa.event_counts["b"]["counts"] == {"like": 1}
         assert list(agent.results.values())[-1] == ("duplicate", "click")
@@ -33,8 +37,8 @@ async def test_counts_per_user_and_type(sa):
 async def test_bad_input_is_dead_lettered_and_the_stream_continues(sa):
     sa.dead_letters.send = AsyncMock()  # the real send is proven against Kafka in tests/integration
     async with sa.count_events.test_context() as agent:
-        await agent.put(b"\xffnot json", key=b"a")
-        await agent.put(ev(1, "a"), key=b"a")
+        await agent.put(b"\xffnot json", key=b"a", timestamp=T0)
+        await agent.put(ev(1, "a"), key=b"a", timestamp=T0)
         assert list(agent.results.values()) == [("dead_letter", "malformed_json"), ("counted", "click")]
     (call,) = sa.dead_letters.send.await_args_list
     record = orjson.loads(call.kwargs["value"])

@@ -32,12 +32,16 @@ def duplicates(port: str) -> float:
     return metric(port, "stream_app_duplicates_dropped_total ")
 
 
+T0_MS = int(time.time() * 1000)  # near the producer's record timestamps, which bound event time
+
+
 def events(start: int, n: int, users: int) -> list[tuple[str, bytes, bytes]]:
     kinds = ("click", "like", "payment")
     out = []
     for i in range(start, start + n):
         user, etype = f"u{i % users}", kinds[i % 3]
-        value = orjson.dumps({"event_id": f"e{i}", "type": etype, "user_id": user, "ts": 1_700_000_000_000 + i})
+        body = {"event_id": f"e{i}", "type": etype, "user_id": user, "ts": T0_MS + i * 1000}
+        value = orjson.dumps(body | ({"amount": 12.5} if etype == "payment" else {}))
         out.append((etype, user.encode(), value))
     return out
 

@@ -3,14 +3,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream_app.core.events import EVENT_TYPES, InvalidEvent, parse_event
+from stream_app.core.events import DAY_MS, EVENT_TYPES, EventLimits, InvalidEvent, parse_event
 
 ids = st.text(min_size=1, max_size=20)
 
 
 @given(event_id=ids, etype=st.sampled_from(EVENT_TYPES), user=ids, ts=st.integers(0, 4_000_000_000_000))
 def test_valid_events_round_trip(event_id, etype, user, ts):
-    raw = orjson.dumps({"event_id": event_id, "type": etype, "user_id": user, "ts": ts, "extra": [1]})
+    raw = orjson.dumps({"event_id": event_id, "type": etype, "user_id": user, "ts": ts, "amount": 3, "extra": [1]})
     e = parse_event(raw)
     assert (e.event_id, e.type, e.user_id, e.ts_ms) == (event_id, etype, user, ts)
 
@@ -34,6 +34,12 @@ def test_iso_timestamp_needs_an_offset():
         (b'{"event_id":"a","type":"click","user_id":7,"ts":1}', "wrong_type"),
         (b'{"event_id":"a","type":"click","user_id":"u","ts":true}', "wrong_type"),
         (b'{"event_id":"a","type":"click","user_id":"u","ts":"yesterday"}', "bad_timestamp"),
+        (b'{"event_id":"a","type":"payment","user_id":"u","ts":1}', "bad_amount"),
+        (b'{"event_id":"a","type":"payment","user_id":"u","ts":1,"amount":-0.01}', "bad_amount"),
+        (b'{"event_id":"a","type":"payment","user_id":"u","ts":1,"amount":"12"}', "bad_amount"),
+        (b'{"event_id":"a","type":"click","user_id":"u","ts":1,"tz":"Mars/Olympus"}', "bad_timezone"),
+        (b'{"event_id":"a","type":"click","user_id":"u","ts":1,"tz_offset_min":900}', "bad_timezone"),
+        (b'{"event_id":"a","type":"click","user_id":"u","ts":1,"category":5}', "wrong_type"),
     ],
 )
 def test_bad_input_has_a_code_and_reason(raw, code):
@@ -46,7 +52,7 @@ def test_bad_input_has_a_code_and_reason(raw, code):
 def test_oversize_payloads_are_rejected_before_parsing():
     raw = orjson.dumps({"event_id": "a", "type": "click", "user_id": "u", "ts": 1, "pad": "x" * 500})
     with pytest.raises(InvalidEvent) as bad:
-        parse_event(raw, max_bytes=256)
+        parse_event(raw, EventLimits(max_bytes=256))
     assert bad.value.code == "oversize"
 
 
@@ -58,3 +64,33 @@ def test_arbitrary_bytes_either_parse_or_raise_invalid_event(raw):
         from stream_app.metrics import REJECT_CODES
 
         assert e.code in REJECT_CODES  # every code is a pre-bound, bounded metric label
+
+
+def test_event_time_is_bounded_by_the_record_time_not_the_wall_clock():
+    raw = b'{"event_id":"a","type":"click","user_id":"u","ts":1700000000000}'
+    limits = EventLimits(max_future_ms=DAY_MS, max_past_ms=7 * DAY_MS)
+    assert parse_event(raw, limits, ref_ms=1_700_000_000_000 + 6 * DAY_MS).ts_ms == 1_700_000_000_000
+    for ref in (1_700_000_000_000 + 8 * DAY_MS, 1_700_000_000_000 - 2 * DAY_MS):
+        with pytest.raises(InvalidEvent) as bad:
+            parse_event(raw, limits, ref_ms=ref)
+        assert bad.value.code == "ts_out_of_range"
+
+
+def test_optional_fields_and_time_zones():
+    raw = orjson.dumps(
+        {"event_id": "p1", "type": "payment", "user_id": "u", "ts": "2024-07-01T12:00:00Z", "amount": 19,
+         "currency": "EUR", "category": "shoes", "item_id": "i9", "push_id": "d1", "tz": "Europe/Berlin",
+         "channel": "app"}
+    )  # fmt: skip
+    e = parse_event(raw)
+    assert (e.amount, e.currency, e.category, e.item_id, e.push_id, e.channel) == (
+        19.0,
+        "EUR",
+        "shoes",
+        "i9",
+        "d1",
+        "app",
+    )
+    assert e.tz_offset_min == 120  # summer time in Berlin at the event's own time
+    winter = parse_event(raw.replace(b"2024-07-01", b"2024-01-01"))
+    assert winter.tz_offset_min == 60
