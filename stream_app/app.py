@@ -16,8 +16,8 @@ import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
-from stream_app.core.counts import count_event
 from stream_app.core.events import EventLimits, InvalidEvent, parse_event
+from stream_app.core.profile import Profile, update_profile
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 from stream_app.wire import dead_letter
@@ -34,8 +34,8 @@ class StreamApp:
     metrics: Metrics
     events_topic: Any
     dead_letters: Any
-    event_counts: Any
-    count_events: Any
+    profiles: Any
+    update_profiles: Any
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         *settings.input_topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
     dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")
-    event_counts = app.Table("event_counts", default=dict, partitions=settings.topic_partitions)
+    profiles = app.Table("profiles", default=None, partitions=settings.topic_partitions)
     limits = EventLimits(
         max_bytes=settings.max_event_bytes,
         max_future_ms=settings.max_future_skew_s * 1000,
@@ -85,8 +85,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     consumed, rejected, seconds = metrics.events_consumed, metrics.events_rejected, metrics.processing_seconds
     duplicates = metrics.duplicates_dropped
 
-    async def count_events(stream: Any) -> Any:
-        """Count valid events per user; dead-letter the rest and keep going. Yields each event's outcome."""
+    async def update_profiles(stream: Any) -> Any:
+        """Fold valid events into user profiles; dead-letter the rest and keep going. Yields each outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
             try:
@@ -101,15 +101,16 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
                 yield ("dead_letter", bad.code)
                 continue
-            state, applied = count_event(event_counts[event.user_id], event)
+            stored = profiles.get(event.user_id)
+            profile, applied = update_profile(Profile.from_dict(stored) if stored else None, event)
             if not applied:
                 duplicates.inc()
                 yield ("duplicate", event.type)
                 continue
-            event_counts[event.user_id] = state
+            profiles[event.user_id] = profile.to_dict()
             consumed[event.type].inc()
             seconds.observe(time.perf_counter() - t0)
-            yield ("counted", event.type)
+            yield ("applied", event.type)
 
-    agent = app.agent(events_topic, name="count_events")(count_events)
-    return StreamApp(app, settings, metrics, events_topic, dead_letters, event_counts, agent)
+    agent = app.agent(events_topic, name="update_profiles")(update_profiles)
+    return StreamApp(app, settings, metrics, events_topic, dead_letters, profiles, agent)

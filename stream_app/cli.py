@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import click
 import orjson
 
+from stream_app.core.events import EVENT_TYPES
 from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version, metadata_round_trip
 
 
@@ -171,18 +172,22 @@ def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
         click.echo(f"    all {len(records)} messages handled {time.monotonic() - t_send:.1f}s after sending")
         body = _get(metrics_url) or ""
         _stop(proc)  # a clean shutdown flushes the changelog; what follows is read back from Kafka
-        changelog = f"{env['STREAM_APP_APP_ID']}-event_counts-changelog"
+        changelog = f"{env['STREAM_APP_APP_ID']}-profiles-changelog"
         state = latest_by_key(asyncio.run(read_to_end(bs, changelog, 30, "read_uncommitted")))
-        counts = {orjson.loads(k): orjson.loads(v) for k, v in state.items()}
+        profiles = {orjson.loads(k): orjson.loads(v) for k, v in state.items()}
+        counts = {u: dict(zip(EVENT_TYPES, p["c"], strict=True)) for u, p in profiles.items()}
         dead = asyncio.run(read_to_end(bs, s.dead_letter_topic, 30, "read_uncommitted"))
         click.echo("5/5 what happened:")
         for line in body.splitlines():
             if line.startswith(COUNTERS) and not line.endswith(" 0.0"):
                 click.echo(f"    {line}")
-        click.echo(f"    state (table event_counts, rebuilt from Kafka topic {changelog}): {len(counts)} users")
+        click.echo(f"    state (table profiles, read back from Kafka topic {changelog}): {len(counts)} users")
         top = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:5]
         for user, c in top:
-            click.echo(f"      {user}: {c}")
+            p = profiles[user]
+            click.echo(
+                f"      {user}: {c}, spend {p['st']:.2f}, events/6h-decayed {p['rs']:.2f}, bytes {len(orjson.dumps(p))}"
+            )
         click.echo(f"    dead-letter topic {s.dead_letter_topic!r} holds {len(dead)} records; latest reason: "
                    f"{orjson.loads(dead[-1][1])['reason'] if dead else '-'}")  # fmt: skip
         click.echo(f"    metrics were served at {metrics_url} (Prometheus text format)")

@@ -1,4 +1,4 @@
-"""End to end on a real broker: plain producer -> real worker -> per-user counts in a Kafka-backed table."""
+"""End to end on a real broker: plain producer -> real worker -> per-user profiles in a Kafka-backed table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import urllib.request
 import orjson
 import pytest
 
+from stream_app.core.events import EVENT_TYPES
 from stream_app.kafka_io import create_topics, group_lag, latest_by_key, produce, read_to_end
 from tests.integration.conftest import running_worker, wait_until
 
@@ -47,9 +48,7 @@ def events(start: int, n: int, users: int) -> list[tuple[str, bytes, bytes]]:
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-def test_worker_counts_events_per_user_and_recovers_them_after_restart(
-    kafka_bootstrap, worker_env, tmp_path, guarantee
-):
+def test_worker_builds_profiles_and_recovers_them_after_restart(kafka_bootstrap, worker_env, tmp_path, guarantee):
     env = {**worker_env, "STREAM_APP_PROCESSING_GUARANTEE": guarantee}
     topic = {"click": env["STREAM_APP_CLICKS_TOPIC"], "like": env["STREAM_APP_LIKES_TOPIC"],
              "payment": env["STREAM_APP_PAYMENTS_TOPIC"]}  # fmt: skip
@@ -85,14 +84,16 @@ def test_worker_counts_events_per_user_and_recovers_them_after_restart(
     # What must hold under both guarantees is that every effect is applied once: the state below.
     print(f"\n[restart] {guarantee}: {reconsumed:.0f} events consumed again after restart (deduplicated)")
 
-    changelog = f"{env['STREAM_APP_APP_ID']}-event_counts-changelog"
+    changelog = f"{env['STREAM_APP_APP_ID']}-profiles-changelog"
     state = latest_by_key(asyncio.run(read_to_end(kafka_bootstrap, changelog, timeout=30)))
-    counts = {orjson.loads(k): orjson.loads(v)["counts"] for k, v in state.items()}
+    profiles = {orjson.loads(k): orjson.loads(v) for k, v in state.items()}
+    counts = {u: {t: n for t, n in zip(EVENT_TYPES, p["c"], strict=True) if n} for u, p in profiles.items()}
     expected: dict[str, dict[str, int]] = {}
     for kind, key, _ in first + second:
         per_user = expected.setdefault(key.decode(), {})
         per_user[kind] = per_user.get(kind, 0) + 1
     assert counts == expected
+    assert all(p["st"] == 12.5 * p["c"][2] for p in profiles.values())  # every payment's amount, once
 
     (dead,) = asyncio.run(read_to_end(kafka_bootstrap, dlq, timeout=30))
     record = orjson.loads(dead[1])
