@@ -67,7 +67,8 @@ class Profile:
         return self.spend_total / n if n else 0.0
 
     def pushes_in_window(self, now_ms: int, window_ms: int = DAY_MS) -> int:
-        return sum(1 for t in self.push_times if now_ms - window_ms < t <= now_ms)
+        """Pushes sent or scheduled after ``now_ms - window_ms`` (held pushes count from their decision)."""
+        return sum(1 for t in self.push_times if t > now_ms - window_ms)
 
     def to_dict(self) -> dict[str, Any]:
         """Compact, JSON-ready form for the table (floats rounded: 6 significant digits)."""
@@ -131,7 +132,7 @@ def update_profile(
     if profile is not None and key in profile.seen:
         return profile, False
     t = event.ts_ms
-    p = _copy(profile) if profile is not None else Profile(first_ms=t, last_ms=t)
+    p = copy_profile(profile) if profile is not None else Profile(first_ms=t, last_ms=t)
     if t > p.last_ms:  # move every decayed value's reference time forward to t
         dt = t - p.last_ms
         fs, fl, fm = (2.0 ** (-dt / hl) for hl in (params.short_half_life_ms, params.long_half_life_ms,
@@ -179,7 +180,8 @@ def is_expired(profile: Profile, now_ms: int, ttl_ms: int) -> bool:
     return now_ms - profile.last_ms > ttl_ms
 
 
-def _copy(p: Profile) -> Profile:
+def copy_profile(p: Profile) -> Profile:
+    """A copy that shares nothing mutable with ``p`` (tables persist only what is assigned)."""
     return Profile(
         first_ms=p.first_ms, last_ms=p.last_ms, counts=list(p.counts), last_type_ms=list(p.last_type_ms),
         rate_short=p.rate_short, rate_long=p.rate_long, spend_total=p.spend_total, spend_decayed=p.spend_decayed,

@@ -1,0 +1,225 @@
+"""Campaigns, guardrails and the push decision: who gets which push, when, and why.
+
+Everything here is a pure function of (profile, features, models, campaign, trigger, event time). The
+only randomness, holdout assignment and exploration, comes from hashes of stable ids, so the same
+input always gives the same decision and the same ``decision_id`` (a push service can drop replays),
+and every decision records the probability with which its action was chosen (for off-policy evaluation).
+
+Order of checks, each recorded as a reason code:
+consent -> campaign eligibility -> holdout -> score vs threshold (or exploration) -> per-campaign
+cooldown -> global frequency cap and minimum gap -> quiet hours (hold with ``send_at`` or drop).
+``choose`` keeps at most one push per trigger: the highest-priority campaign that would push.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from stream_app.core.features import INDEX
+from stream_app.core.profile import HOUR_MS, Profile, copy_profile, local_hour
+from stream_app.core.propensity import PropensityScorer
+
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
+}  # fmt: skip
+LAPSE = "lapse"  # the trigger of win-back decisions: a timer on event time, not an event
+
+
+@dataclass(frozen=True)
+class Rule:
+    feature: str
+    op: str
+    value: float
+
+    def holds(self, x: Sequence[float]) -> bool:
+        return OPS[self.op](x[INDEX[self.feature]], self.value)
+
+    def __str__(self) -> str:
+        return f"{self.feature}{self.op}{self.value:g}"
+
+
+@dataclass(frozen=True)
+class Campaign:
+    name: str
+    triggers: tuple[str, ...]  # event types, or LAPSE
+    priority: int = 0
+    eligibility: tuple[Rule, ...] = ()
+    segments: tuple[int, ...] = ()  # empty: every segment
+    attribution_window_ms: int = 24 * HOUR_MS
+    threshold: float = 0.05
+    cooldown_ms: int = 72 * HOUR_MS
+    holdout_share: float = 0.1
+    exploration_share: float = 0.05
+    cold_start_share: float = 0.3  # push share before the model has min_labels labels (to earn them)
+    lapse_after_ms: int = 7 * 24 * HOUR_MS  # LAPSE campaigns: quiet this long triggers a decision
+    prior: float = 0.02
+    min_labels: int = 200
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    max_pushes_24h: int = 2
+    min_gap_ms: int = 4 * HOUR_MS
+    quiet_start_hour: int = 22  # local time, inclusive
+    quiet_end_hour: int = 8  # local time, exclusive
+    quiet_mode: str = "hold"  # "hold": send at the next allowed time; "drop": suppress
+    decision_ttl_ms: int = 12 * HOUR_MS  # a push not sent by send_at + ttl is stale
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision_id: str
+    user_id: str
+    campaign: str
+    action: str  # push | holdout | suppress
+    score: float
+    segment: int
+    model_version: int
+    probability: float  # probability with which this action was chosen
+    decided_at_ms: int
+    send_at_ms: int | None
+    expires_at_ms: int | None
+    trigger_event_id: str
+    reasons: tuple[str, ...]
+    contributions: tuple[tuple[str, float], ...] = ()
+    features: tuple[float, ...] = field(default=(), repr=False)  # what the model saw, for the label join
+
+
+def decision_id(campaign: str, user_id: str, trigger_id: str) -> str:
+    """Deterministic: the same campaign, user and trigger always give the same id.
+
+    >>> decision_id("cart", "u1", "e9") == decision_id("cart", "u1", "e9") != decision_id("cart", "u1", "e10")
+    True
+    """
+    return hashlib.blake2b(f"{campaign}\x1f{user_id}\x1f{trigger_id}".encode(), digest_size=12).hexdigest()
+
+
+def uniform(*parts: str) -> float:
+    """A reproducible U[0, 1) draw from stable ids (replaces an RNG so replays decide the same)."""
+    h = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def in_holdout(user_id: str, campaign: Campaign) -> bool:
+    return uniform("holdout", campaign.name, user_id) < campaign.holdout_share
+
+
+def next_allowed_ms(now_ms: int, tz_offset_min: int | None, g: Guardrails) -> int:
+    """``now_ms`` if outside quiet hours, else the end of the quiet period in the user's local time.
+
+    >>> g = Guardrails(quiet_start_hour=22, quiet_end_hour=8)
+    >>> next_allowed_ms(23 * HOUR_MS, 0, g) == 32 * HOUR_MS, next_allowed_ms(12 * HOUR_MS, 0, g) == 12 * HOUR_MS
+    (True, True)
+    """
+    hour = local_hour(now_ms, tz_offset_min)
+    start, end = g.quiet_start_hour, g.quiet_end_hour
+    quiet = (start <= hour or hour < end) if start > end else (start <= hour < end)
+    if not quiet:
+        return now_ms
+    offset = (tz_offset_min or 0) * 60_000
+    local = now_ms + offset
+    day_start = local - local % (24 * HOUR_MS)
+    end_today = day_start + end * HOUR_MS
+    target = end_today if local < end_today else end_today + 24 * HOUR_MS
+    return target - offset
+
+
+def decide(
+    *,
+    user_id: str,
+    profile: Profile,
+    features: Sequence[float],
+    segment: int,
+    campaign: Campaign,
+    scorer: PropensityScorer,
+    guardrails: Guardrails,
+    trigger_id: str,
+    now_ms: int,
+    opted_out: bool = False,
+) -> Decision:
+    """One campaign's decision for one user and trigger."""
+    did = decision_id(campaign.name, user_id, trigger_id)
+    score = scorer.predict_one(features)
+    reasons: list[str] = []
+
+    def out(action: str, probability: float, send_at: int | None = None) -> Decision:
+        expires = None if send_at is None else send_at + guardrails.decision_ttl_ms
+        return Decision(did, user_id, campaign.name, action, round(score, 6), segment, scorer.version,
+                        round(probability, 6), now_ms, send_at, expires, trigger_id, tuple(reasons),
+                        tuple(scorer.contributions(features)), tuple(features))  # fmt: skip
+
+    if opted_out:
+        reasons.append("suppress:opted_out")
+        return out("suppress", 1.0)
+    failed = [r for r in campaign.eligibility if not r.holds(features)]
+    if failed:
+        reasons.append(f"suppress:ineligible:{failed[0]}")
+        return out("suppress", 1.0)
+    if campaign.segments and segment not in campaign.segments:
+        reasons.append(f"suppress:segment_{segment}_not_targeted")
+        return out("suppress", 1.0)
+    reasons.append("eligible:" + (",".join(map(str, campaign.eligibility)) or "all"))
+    if in_holdout(user_id, campaign):
+        reasons.append(f"holdout:{campaign.holdout_share:g}")
+        return out("holdout", 1.0)
+
+    explore = campaign.exploration_share
+    if not scorer.is_warm:
+        reasons.append(f"cold_start:{scorer.n_labels}_labels")
+        explore = max(explore, campaign.cold_start_share)  # labels come only from pushes and holdouts
+    if score >= campaign.threshold and scorer.is_warm:
+        reasons.append(f"score>={campaign.threshold:g}")
+        probability = 1.0
+    elif uniform("explore", did) < explore:
+        reasons.append(f"explore:{explore:g}")
+        probability = explore
+    else:
+        reasons.append(f"suppress:score<{campaign.threshold:g}")
+        return out("suppress", 1.0 - explore)
+
+    last = profile.last_push_ms.get(campaign.name)
+    if last is not None and now_ms - last < campaign.cooldown_ms:
+        reasons.append("suppress:campaign_cooldown")
+        return out("suppress", probability)
+    if profile.pushes_in_window(now_ms) >= guardrails.max_pushes_24h:
+        reasons.append(f"suppress:frequency_cap_{guardrails.max_pushes_24h}_per_24h")
+        return out("suppress", probability)
+    last_any = max(profile.push_times, default=None)
+    if last_any is not None and now_ms - last_any < guardrails.min_gap_ms:
+        reasons.append("suppress:min_gap")
+        return out("suppress", probability)
+    send_at = next_allowed_ms(now_ms, profile.tz_offset_min, guardrails)
+    if send_at != now_ms:
+        if guardrails.quiet_mode == "drop":
+            reasons.append("suppress:quiet_hours")
+            return out("suppress", probability)
+        reasons.append("hold:quiet_hours")
+    return out("push", probability, send_at)
+
+
+def choose(decisions: Sequence[Decision], priorities: dict[str, int]) -> list[Decision]:
+    """At most one push per trigger: keep the highest-priority push, turn other pushes into suppressions."""
+    pushes = sorted((d for d in decisions if d.action == "push"), key=lambda d: (-priorities[d.campaign], d.campaign))
+    if len(pushes) <= 1:
+        return list(decisions)
+    winner = pushes[0]
+    result = []
+    for d in decisions:
+        if d.action == "push" and d is not winner:
+            d = Decision(**{**d.__dict__, "action": "suppress",
+                            "reasons": (*d.reasons, f"suppress:one_push_per_trigger:{winner.campaign}"),
+                            "send_at_ms": None, "expires_at_ms": None})  # fmt: skip
+        result.append(d)
+    return result
+
+
+def record_push(profile: Profile, decision: Decision, max_kept: int = 16) -> Profile:
+    """The profile after a push was decided (pure: returns a new profile)."""
+    p = copy_profile(profile)
+    at = decision.send_at_ms or decision.decided_at_ms
+    p.last_push_ms = {**p.last_push_ms, decision.campaign: at}
+    p.push_times = [*p.push_times, at][-max_kept:]
+    return p
