@@ -33,12 +33,13 @@ class Rule:
     feature: str
     op: str
     value: float
+    label: str = ""  # how the campaign author wrote it, for reason codes
 
     def holds(self, x: Sequence[float]) -> bool:
         return OPS[self.op](x[INDEX[self.feature]], self.value)
 
     def __str__(self) -> str:
-        return f"{self.feature}{self.op}{self.value:g}"
+        return self.label or f"{self.feature}{self.op}{self.value:g}"
 
 
 @dataclass(frozen=True)
