@@ -1,0 +1,214 @@
+"""The step functions of the targeting pipeline: one user's state, one event (or one tick of event time).
+
+``process(state, event, models, config) -> (state, Outputs)`` is what a Faust agent, the replay
+command and the tests all call. ``tick(state, now_ms, models, config)`` advances event time for users
+who send nothing: it closes label windows (negative labels), fires win-back decisions for lapsed users,
+and expires profiles past their TTL. ``now_ms`` for ticks is a watermark of event time (the newest event
+time seen), never the wall clock, so a replay of the same events gives the same decisions and labels.
+
+Labels are joined here, per user, with no shared state: a decision stores the features the model saw;
+a later payment (any campaign's conversion) or a click carrying the decision's ``push_id`` inside the
+attribution window makes it positive; the window closing on event time makes it negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_app.core.events import Event
+from stream_app.core.features import extract_features
+from stream_app.core.policy import LAPSE, Campaign, Decision, Guardrails, choose, decide, record_push
+from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
+from stream_app.core.propensity import PropensityScorer
+from stream_app.core.segments import SegmentModel
+
+
+@dataclass(frozen=True)
+class Config:
+    campaigns: tuple[Campaign, ...]
+    guardrails: Guardrails = field(default_factory=Guardrails)
+    profile: ProfileParams = field(default_factory=ProfileParams)
+    profile_ttl_ms: int = 90 * DAY_MS
+    max_pending: int = 8  # open label windows kept per user; the oldest is closed early if exceeded
+
+    @property
+    def priorities(self) -> dict[str, int]:
+        return {c.name: c.priority for c in self.campaigns}
+
+
+@dataclass(frozen=True)
+class Models:
+    """The model versions every worker scores with (replaced as a whole when a new version arrives)."""
+
+    segments: SegmentModel
+    scorers: dict[str, PropensityScorer]
+
+    def scorer(self, campaign: Campaign) -> PropensityScorer:
+        s = self.scorers.get(campaign.name)
+        return s if s is not None else PropensityScorer.cold(campaign.name, campaign.prior, campaign.min_labels)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A decision waiting for its outcome (push or holdout)."""
+
+    decision_id: str
+    campaign: str
+    action: str
+    decided_at_ms: int
+    closes_at_ms: int
+    features: tuple[float, ...]
+    model_version: int
+    probability: float
+    segment: int
+
+
+@dataclass(frozen=True)
+class Label:
+    decision_id: str
+    campaign: str
+    action: str  # push | holdout: uplift compares the two
+    converted: bool
+    features: tuple[float, ...]
+    model_version: int
+    probability: float
+    segment: int
+    decided_at_ms: int
+    labelled_at_ms: int  # event time of the outcome, or of the window's close
+
+    @property
+    def delay_ms(self) -> int:
+        return self.labelled_at_ms - self.decided_at_ms
+
+
+@dataclass
+class UserState:
+    profile: Profile
+    opted_out: bool = False
+    pending: list[Pending] = field(default_factory=list)
+    lapse_done_ms: int = -1  # last_ms of the quiet period that already got its win-back decision
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "p": self.profile.to_dict(), "o": self.opted_out, "l": self.lapse_done_ms,
+            "q": [[x.decision_id, x.campaign, x.action, x.decided_at_ms, x.closes_at_ms, list(x.features),
+                   x.model_version, x.probability, x.segment] for x in self.pending],
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UserState:
+        pending = [Pending(q[0], q[1], q[2], q[3], q[4], tuple(q[5]), q[6], q[7], q[8]) for q in d["q"]]
+        return cls(Profile.from_dict(d["p"]), d["o"], pending, d["l"])
+
+
+@dataclass
+class Outputs:
+    duplicate: bool = False
+    decisions: list[Decision] = field(default_factory=list)
+    labels: list[Label] = field(default_factory=list)
+    segment_sample: tuple[float, ...] | None = None  # features to learn segments from
+    expired: bool = False  # the state should be deleted
+
+
+def process(state: UserState | None, event: Event, models: Models, config: Config) -> tuple[UserState | None, Outputs]:
+    """Apply one event for its user: profile, labels, segment, decisions."""
+    out = Outputs()
+    profile, applied = update_profile(state.profile if state else None, event, config.profile)
+    if not applied:
+        out.duplicate = True
+        return state, out
+    new = UserState(profile, state.opted_out if state else False, list(state.pending) if state else [],
+                    state.lapse_done_ms if state else -1)  # fmt: skip
+    now = event.ts_ms
+    _close_windows(new, now, out, event)
+    features = extract_features(profile, now, config.profile)
+    out.segment_sample = tuple(features)
+    triggered = [c for c in config.campaigns if event.type in c.triggers]
+    if triggered:
+        _decide(new, triggered, features, now, event.event_id, event.user_id, models, config, out)
+    return new, out
+
+
+def tick(
+    state: UserState, user_id: str, now_ms: int, models: Models, config: Config
+) -> tuple[UserState | None, Outputs]:
+    """Advance event time to ``now_ms`` for a user who may have sent nothing."""
+    out = Outputs()
+    if is_expired(state.profile, now_ms, config.profile_ttl_ms):
+        out.expired = True
+        for p in state.pending:
+            out.labels.append(_label(p, False, p.closes_at_ms))
+        return None, out
+    new = UserState(state.profile, state.opted_out, list(state.pending), state.lapse_done_ms)
+    _close_windows(new, now_ms, out, None)
+    quiet_since = new.profile.last_ms
+    lapsed = [c for c in config.campaigns if LAPSE in c.triggers and now_ms - quiet_since >= c.lapse_after_ms]
+    if lapsed and new.lapse_done_ms != quiet_since:
+        new.lapse_done_ms = quiet_since  # one win-back decision per quiet period
+        features = extract_features(new.profile, now_ms, config.profile)
+        trigger = f"lapse:{quiet_since}"
+        _decide(new, lapsed, features, now_ms, trigger, user_id, models, config, out)
+    return new, out
+
+
+def set_consent(state: UserState | None, opted_out: bool) -> UserState | None:
+    """Opt-out takes effect at once; an opt-in re-enables pushes. No profile yet: nothing to keep."""
+    if state is None:
+        return None
+    return UserState(state.profile, opted_out, list(state.pending), state.lapse_done_ms)
+
+
+def _decide(state: UserState, campaigns: list[Campaign], features: list[float], now: int, trigger: str,
+            user_id: str, models: Models, config: Config, out: Outputs) -> None:  # fmt: skip
+    segment = models.segments.predict_one(features)
+    decisions = [
+        decide(
+            user_id=user_id,
+            profile=state.profile,
+            features=features,
+            segment=segment,
+            campaign=c,
+            scorer=models.scorer(c),
+            guardrails=config.guardrails,
+            trigger_id=trigger,
+            now_ms=now,
+            opted_out=state.opted_out,
+        )
+        for c in campaigns
+    ]
+    windows = {c.name: c.attribution_window_ms for c in campaigns}
+    for d in choose(decisions, config.priorities):
+        out.decisions.append(d)
+        if d.action == "push":
+            state.profile = record_push(state.profile, d, config.profile.max_pushes_kept)
+        if d.action in ("push", "holdout"):
+            start = d.send_at_ms or now
+            state.pending.append(Pending(d.decision_id, d.campaign, d.action, start, start + windows[d.campaign],
+                                         d.features, d.model_version, d.probability, d.segment))  # fmt: skip
+    while len(state.pending) > config.max_pending:
+        oldest = state.pending.pop(0)
+        out.labels.append(_label(oldest, False, now))
+
+
+def _close_windows(state: UserState, now: int, out: Outputs, event: Event | None) -> None:
+    """Resolve pending decisions: positive on a conversion inside the window, negative once it closed."""
+    keep = []
+    for p in state.pending:
+        converts = (
+            event is not None
+            and p.decided_at_ms <= event.ts_ms <= p.closes_at_ms
+            and (event.type == "payment" or event.push_id == p.decision_id)
+        )
+        if converts:
+            out.labels.append(_label(p, True, event.ts_ms))
+        elif now > p.closes_at_ms:
+            out.labels.append(_label(p, False, p.closes_at_ms))
+        else:
+            keep.append(p)
+    state.pending = keep
+
+
+def _label(p: Pending, converted: bool, at: int) -> Label:
+    return Label(p.decision_id, p.campaign, p.action, converted, p.features, p.model_version, p.probability,
+                 p.segment, p.decided_at_ms, at)  # fmt: skip
