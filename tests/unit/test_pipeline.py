@@ -100,7 +100,7 @@ def test_a_payment_after_a_push_is_a_positive_label_and_silence_a_negative_one()
 
 
 def test_redelivered_events_change_nothing_and_replays_decide_identically():
-    events = clicks(n=4) + [Event("pay", "payment", "u", NOON + HOUR_MS, amount=5.0)]
+    events = [*clicks(n=4), Event("pay", "payment", "u", NOON + HOUR_MS, amount=5.0)]
     s1, o1 = feed(events)
     s2, o2 = feed([*events, *events[:3]])
     assert orjson.dumps(s1.to_dict()) == orjson.dumps(s2.to_dict())
