@@ -16,13 +16,23 @@ import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
+from stream_app.campaigns import load_campaigns
 from stream_app.core.events import EventLimits, InvalidEvent, parse_event
-from stream_app.core.profile import Profile, update_profile
+from stream_app.core.pipeline import Config, Models, Outputs, UserState, process, set_consent
+from stream_app.core.policy import uniform
+from stream_app.core.segments import SegmentModel
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
-from stream_app.wire import dead_letter
+from stream_app.wire import dead_letter, decision_record, label_record, parse_consent, sample_record
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelStore:
+    """The models this worker scores with; replaced whole when a new version arrives."""
+
+    current: Models
 
 
 @dataclass
@@ -32,10 +42,12 @@ class StreamApp:
     app: faust.App
     settings: Settings
     metrics: Metrics
-    events_topic: Any
-    dead_letters: Any
-    profiles: Any
-    update_profiles: Any
+    config: Config
+    models: ModelStore
+    users: Any
+    process_events: Any
+    apply_consent: Any
+    topics: dict[str, Any]
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
@@ -53,6 +65,9 @@ def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
 
 def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> StreamApp:
     settings = settings or Settings()
+    campaigns, guardrails = load_campaigns(settings.campaigns_file or None)
+    config = Config(campaigns=campaigns, guardrails=guardrails)
+    models = ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
     metrics = Metrics.create(registry)
     app = faust.App(
         settings.app_id,
@@ -66,51 +81,101 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         web_tables_enabled=settings.table_views,
-        key_serializer="json",  # table keys (user ids) as JSON strings; input topics override to raw
+        key_serializer="json",  # table keys (user ids) as JSON strings; topics below override to raw
         value_serializer="json",
         autodiscover=False,
     )
     setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
 
-    events_topic = app.topic(
-        *settings.input_topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-    dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")
-    profiles = app.Table("profiles", default=None, partitions=settings.topic_partitions)
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    topics = {
+        "events": app.topic(*settings.input_topics, key_type=bytes, value_type=bytes, **raw),
+        "consent": app.topic(settings.consent_topic, key_type=bytes, value_type=bytes, **raw),
+        "dead_letters": app.topic(settings.dead_letter_topic, **raw),
+        "decisions": app.topic(settings.decisions_topic, **raw),
+        "audit": app.topic(settings.audit_topic, **raw),
+        "model_inputs": app.topic(settings.model_inputs_topic, partitions=1, **raw),
+    }
+    users = app.Table("users", default=None, partitions=settings.topic_partitions)
     limits = EventLimits(
         max_bytes=settings.max_event_bytes,
         max_future_ms=settings.max_future_skew_s * 1000,
         max_past_ms=settings.max_past_skew_s * 1000,
     )
-    consumed, rejected, seconds = metrics.events_consumed, metrics.events_rejected, metrics.processing_seconds
-    duplicates = metrics.duplicates_dropped
+    m = metrics
+    sample_rate = settings.segment_sample_rate
+    dead_letters, decisions, audit, model_inputs = (
+        topics["dead_letters"], topics["decisions"], topics["audit"], topics["model_inputs"],
+    )  # fmt: skip
 
-    async def update_profiles(stream: Any) -> Any:
-        """Fold valid events into user profiles; dead-letter the rest and keep going. Yields each outcome."""
+    async def reject(e: Any, bad: InvalidEvent) -> tuple[str, str]:
+        msg = e.message
+        await dead_letters.send(
+            key=e.key, value=dead_letter(e.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason)
+        )
+        m.events_rejected[bad.code].inc()
+        log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
+        return ("dead_letter", bad.code)
+
+    async def emit(out: Outputs, event_id: str) -> None:
+        for d in out.decisions:
+            record = decision_record(d)
+            await audit.send(key=d.user_id.encode(), value=record)
+            if d.action == "push":
+                await decisions.send(key=d.user_id.encode(), value=record)
+            m.decisions[(d.campaign, d.action)].inc()
+        for name in out.ineligible:
+            m.ineligible[(name,)].inc()
+        for label in out.labels:
+            await model_inputs.send(key=label.campaign.encode(), value=label_record(label))
+            m.labels[(label.campaign, label.converted)].inc()
+        if out.segment_sample is not None and uniform("segment_sample", event_id) < sample_rate:
+            await model_inputs.send(key=b"segments", value=sample_record(out.segment_sample))
+
+    async def apply_consent(stream: Any) -> Any:
+        """Opt-out, opt-in and erase commands. Opt-out wins at once; erase keeps only a suppression marker."""
+        async for e in stream.events():
+            try:
+                user_id, action = parse_consent(e.value)
+            except InvalidEvent as bad:
+                yield await reject(e, bad)
+                continue
+            stored = users.get(user_id)
+            if action == "erase":
+                users[user_id] = {"erased": True}  # no personal data; keeps the user suppressed
+            elif stored is None or not stored.get("erased"):
+                state = set_consent(UserState.from_dict(stored) if stored else None, opted_out=action == "opt_out")
+                if state is not None:
+                    users[user_id] = state.to_dict()
+            m.consent[action].inc()
+            yield ("consent", action)
+
+    async def process_events(stream: Any) -> Any:
+        """Events -> user state -> decisions, labels. Yields each message's outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
             try:
                 event = parse_event(e.value, limits, ref_ms=int(e.message.timestamp * 1000))
             except InvalidEvent as bad:
-                msg = e.message
-                await dead_letters.send(
-                    key=e.key,
-                    value=dead_letter(e.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason),
-                )
-                rejected[bad.code].inc()
-                log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
-                yield ("dead_letter", bad.code)
+                yield await reject(e, bad)
                 continue
-            stored = profiles.get(event.user_id)
-            profile, applied = update_profile(Profile.from_dict(stored) if stored else None, event)
-            if not applied:
-                duplicates.inc()
+            stored = users.get(event.user_id)
+            if stored is not None and stored.get("erased"):
+                m.suppressed_erased.inc()
+                yield ("erased", event.type)
+                continue
+            state = UserState.from_dict(stored) if stored else None
+            new, out = process(state, event, models.current, config)
+            if out.duplicate:
+                m.duplicates_dropped.inc()
                 yield ("duplicate", event.type)
                 continue
-            profiles[event.user_id] = profile.to_dict()
-            consumed[event.type].inc()
-            seconds.observe(time.perf_counter() - t0)
+            users[event.user_id] = new.to_dict()
+            await emit(out, event.event_id)
+            m.events_consumed[event.type].inc()
+            m.processing_seconds.observe(time.perf_counter() - t0)
             yield ("applied", event.type)
 
-    agent = app.agent(events_topic, name="update_profiles")(update_profiles)
-    return StreamApp(app, settings, metrics, events_topic, dead_letters, profiles, agent)
+    events_agent = app.agent(topics["events"], name="process_events")(process_events)
+    consent_agent = app.agent(topics["consent"], name="apply_consent")(apply_consent)
+    return StreamApp(app, settings, metrics, config, models, users, events_agent, consent_agent, topics)

@@ -32,7 +32,6 @@ def _local_for(settings) -> LocalKafka:
     return LocalKafka(port=port)
 
 
-DEMO_TOPICS = {"clicks": "clicks", "likes": "likes", "payments": "payments", "dead_letter": "dead-letters"}
 COUNTERS = ("stream_app_events_consumed_total{", "stream_app_events_rejected_total{")
 
 
@@ -73,15 +72,11 @@ def kafka_status(port: int | None) -> None:
 
 @main.command("topics")
 def topics() -> None:
-    """Create the input, dead-letter topics with the configured partition count."""
+    """Create every topic the app uses (inputs, consent, outputs, model topics) with its partitions."""
     from stream_app.kafka_io import create_topics
 
     s = _settings()
-    made = asyncio.run(
-        create_topics(
-            s.bootstrap_servers, [*s.input_topics, s.dead_letter_topic], s.topic_partitions, s.topic_replication
-        )
-    )
+    made = asyncio.run(create_topics(s.bootstrap_servers, s.topic_layout(), s.topic_replication))
     click.echo(f"created: {', '.join(made) or 'nothing (all exist)'}")
 
 
@@ -137,11 +132,9 @@ def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
         click.echo(f"    ready in {took:.1f}s (log: {local.log_file})")
     run_id = f"{int(time.time())}"
     # A fresh app id and topics per run, so a demo never counts the events of an earlier one.
-    env = {**os.environ, "STREAM_APP_APP_ID": f"{s.app_id}-demo-{run_id}"}
-    topics = {f"{field}_topic": f"{name}-demo-{run_id}" for field, name in DEMO_TOPICS.items()}
-    env |= {f"STREAM_APP_{k.upper()}": v for k, v in topics.items()}
-    s = s.model_copy(update=topics)
-    made = asyncio.run(create_topics(bs, [*s.input_topics, s.dead_letter_topic], s.topic_partitions))
+    s = s.with_topic_suffix(f"demo-{run_id}").model_copy(update={"app_id": f"{s.app_id}-demo-{run_id}"})
+    env = {**os.environ, **s.to_env()}
+    made = asyncio.run(create_topics(bs, s.topic_layout()))
     click.echo(f"2/5 topics ready ({', '.join(made) or 'all existed'})")
 
     log_path = Path(s.datadir) / f"demo-worker-{run_id}.log"
@@ -172,22 +165,30 @@ def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
         click.echo(f"    all {len(records)} messages handled {time.monotonic() - t_send:.1f}s after sending")
         body = _get(metrics_url) or ""
         _stop(proc)  # a clean shutdown flushes the changelog; what follows is read back from Kafka
-        changelog = f"{env['STREAM_APP_APP_ID']}-profiles-changelog"
+        changelog = f"{s.app_id}-users-changelog"
         state = latest_by_key(asyncio.run(read_to_end(bs, changelog, 30, "read_uncommitted")))
-        profiles = {orjson.loads(k): orjson.loads(v) for k, v in state.items()}
+        profiles = {orjson.loads(k): orjson.loads(v)["p"] for k, v in state.items()}
         counts = {u: dict(zip(EVENT_TYPES, p["c"], strict=True)) for u, p in profiles.items()}
         dead = asyncio.run(read_to_end(bs, s.dead_letter_topic, 30, "read_uncommitted"))
+        audit = [orjson.loads(v) for _, v in asyncio.run(read_to_end(bs, s.audit_topic, 30, "read_uncommitted"))]
+        pushes = asyncio.run(read_to_end(bs, s.decisions_topic, 30, "read_uncommitted"))
         click.echo("5/5 what happened:")
         for line in body.splitlines():
             if line.startswith(COUNTERS) and not line.endswith(" 0.0"):
                 click.echo(f"    {line}")
-        click.echo(f"    state (table profiles, read back from Kafka topic {changelog}): {len(counts)} users")
-        top = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:5]
+        click.echo(f"    state (table users, read back from Kafka topic {changelog}): {len(counts)} users")
+        top = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:3]
         for user, c in top:
             p = profiles[user]
-            click.echo(
-                f"      {user}: {c}, spend {p['st']:.2f}, events/6h-decayed {p['rs']:.2f}, bytes {len(orjson.dumps(p))}"
-            )
+            click.echo(f"      {user}: {c}, spend {p['st']:.2f}, bytes {len(orjson.dumps(state[orjson.dumps(user)]))}")
+        by = sorted({(d["campaign"], d["action"]) for d in audit})
+        summary = ", ".join(f"{c}/{a}={sum(1 for d in audit if (d['campaign'], d['action']) == (c, a))}" for c, a in by)
+        click.echo(f"    decisions ({s.audit_topic}): {len(audit)}: {summary or 'none'}")
+        click.echo(f"    pushes for push services ({s.decisions_topic}): {len(pushes)}")
+        if pushes:
+            d = orjson.loads(pushes[0][1])
+            click.echo(f"      e.g. {d['campaign']} -> {d['user_id']} score={d['score']} p={d['action_probability']} "
+                       f"reasons={d['reasons']}")  # fmt: skip
         click.echo(f"    dead-letter topic {s.dead_letter_topic!r} holds {len(dead)} records; latest reason: "
                    f"{orjson.loads(dead[-1][1])['reason'] if dead else '-'}")  # fmt: skip
         click.echo(f"    metrics were served at {metrics_url} (Prometheus text format)")

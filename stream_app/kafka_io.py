@@ -14,16 +14,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 
-async def create_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int = 1) -> list[str]:
-    """Create missing topics; return the names that were created (existing ones are left alone)."""
+async def create_topics(
+    bootstrap: str, layout: dict[str, tuple[int, dict[str, str]]], replication: int = 1
+) -> list[str]:
+    """Create missing topics from ``{name: (partitions, configs)}``; return the names created."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        wanted = [n for n in layout if n not in existing]
         if wanted:
+            new = [NewTopic(n, layout[n][0], replication, topic_configs=layout[n][1]) for n in wanted]
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(n, partitions, replication) for n in wanted])
+                await admin.create_topics(new)
         return wanted
     finally:
         await admin.close()

@@ -26,9 +26,15 @@ class Metrics:
     events_rejected: dict[str, Counter]
     processing_seconds: Histogram
     duplicates_dropped: Counter
+    decisions: dict[tuple[str, str], Counter]
+    labels: dict[tuple[str, bool], Counter]
+    consent: dict[str, Counter]
+    ineligible: dict[tuple[str], Counter]
+    suppressed_erased: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
+        """Label values are bounded: event types, reason codes, configured campaign names, actions."""
         registry = registry or CollectorRegistry()
         consumed = Counter(
             "stream_app_events_consumed_total", "Valid input events processed, by event type.",
@@ -48,10 +54,46 @@ class Metrics:
             "Redelivered or duplicated events (same event_id) applied no second time.",
             registry=registry,
         )
+        decisions = Counter(
+            "stream_app_decisions_total", "Decisions by campaign and action (push, holdout, suppress).",
+            ["campaign", "action"], registry=registry,
+        )  # fmt: skip
+        labels = Counter(
+            "stream_app_labels_total", "Delayed labels joined, by campaign and outcome.",
+            ["campaign", "converted"], registry=registry,
+        )  # fmt: skip
+        consent = Counter(
+            "stream_app_consent_commands_total", "Consent commands applied.", ["action"], registry=registry
+        )
+        ineligible = Counter(
+            "stream_app_ineligible_total", "Triggers where a campaign's eligibility rules excluded the user.",
+            ["campaign"], registry=registry,
+        )  # fmt: skip
+        erased = Counter(
+            "stream_app_events_of_erased_users_total", "Events of erased users, dropped unprocessed.", registry=registry
+        )
         return cls(
             registry=registry,
             events_consumed={t: consumed.labels(type=t) for t in EVENT_TYPES},
             events_rejected={c: rejected.labels(reason=c) for c in REJECT_CODES},
             processing_seconds=seconds,
             duplicates_dropped=duplicates,
+            decisions=_Children(decisions, ("campaign", "action")),
+            labels=_Children(labels, ("campaign", "converted")),
+            consent={a: consent.labels(action=a) for a in ("opt_in", "opt_out", "erase")},
+            suppressed_erased=erased,
+            ineligible=_Children(ineligible, ("campaign",)),
         )
+
+
+class _Children(dict):
+    """Label children bound on first use and cached (label values come from config, so they are bounded)."""
+
+    def __init__(self, metric: Counter, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.metric, self.names = metric, names
+
+    def __missing__(self, values: tuple) -> Counter:
+        child = self.metric.labels(**{n: str(v).lower() for n, v in zip(self.names, values, strict=True)})
+        self[values] = child
+        return child

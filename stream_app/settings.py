@@ -11,6 +11,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+TOPIC_FIELDS = (
+    "clicks_topic", "likes_topic", "payments_topic", "dead_letter_topic", "consent_topic", "decisions_topic",
+    "audit_topic", "model_inputs_topic", "model_params_topic",
+)  # fmt: skip
+
 
 class Settings(BaseSettings):
     """Everything a worker needs to know about its environment. Nothing else reads os.environ."""
@@ -29,6 +34,14 @@ class Settings(BaseSettings):
     likes_topic: str = "likes"
     payments_topic: str = "payments"
     dead_letter_topic: str = "dead-letters"
+    consent_topic: str = "user-consent"
+    decisions_topic: str = Field("push-decisions", description="pushes only, keyed by user, for push services")
+    audit_topic: str = Field("decision-audit", description="every decision, including suppressed and holdout")
+    model_inputs_topic: str = Field("model-inputs", description="labels and segment samples for the trainer")
+    model_params_topic: str = Field("model-params", description="compacted; every worker reads model versions")
+    campaigns_file: str = Field("", description="YAML/JSON campaign config; empty = the shipped default")
+    segments_k: int = Field(6, ge=2, le=64)
+    segment_sample_rate: float = Field(0.05, ge=0, le=1, description="share of events that train segments")
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger payloads are dead-lettered")
     max_future_skew_s: int = Field(86_400, ge=0, description="event ts may lead the Kafka record time by this")
     max_past_skew_s: int = Field(365 * 86_400, ge=0, description="event ts may trail the Kafka record time by this")
@@ -52,6 +65,32 @@ class Settings(BaseSettings):
     @property
     def input_topics(self) -> tuple[str, str, str]:
         return (self.clicks_topic, self.likes_topic, self.payments_topic)
+
+    def with_topic_suffix(self, suffix: str) -> Settings:
+        """The same settings with every topic name suffixed (isolated demo runs and tests)."""
+        return self.model_copy(update={f: f"{getattr(self, f)}-{suffix}" for f in TOPIC_FIELDS})
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as STREAM_APP_* variables, to start a worker process with exactly them."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            value = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"STREAM_APP_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    def topic_layout(self) -> dict[str, tuple[int, dict[str, str]]]:
+        """Every topic the app reads or writes: name -> (partitions, topic configs).
+
+        User-keyed topics share one partition count (co-partitioning, so a user's events, consent,
+        state and decisions live on one partition); the trainer's input has one partition (one owner);
+        model parameters are compacted (the latest version per model is what matters)."""
+        user_keyed = (*self.input_topics, self.consent_topic, self.dead_letter_topic, self.decisions_topic,
+                      self.audit_topic)  # fmt: skip
+        layout: dict[str, tuple[int, dict[str, str]]] = {t: (self.topic_partitions, {}) for t in user_keyed}
+        layout[self.model_inputs_topic] = (1, {})
+        layout[self.model_params_topic] = (1, {"cleanup.policy": "compact"})
+        return layout
 
     @property
     def bootstrap_servers(self) -> str:

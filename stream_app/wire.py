@@ -10,6 +10,10 @@ import base64
 
 import orjson
 
+from stream_app.core.events import InvalidEvent
+from stream_app.core.pipeline import Label
+from stream_app.core.policy import Decision
+
 
 def dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, code: str, reason: str) -> bytes:
     """Serialize a dead-letter record.
@@ -28,3 +32,73 @@ def dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, code
             "reason": reason,
         }
     )
+
+
+def decision_record(d: Decision) -> bytes:
+    """A decision as push services and auditors read it (schemas/decision.v1.json)."""
+    return orjson.dumps(
+        {
+            "schema": "decision.v1",
+            "decision_id": d.decision_id,
+            "user_id": d.user_id,
+            "campaign": d.campaign,
+            "action": d.action,
+            "score": d.score,
+            "segment": d.segment,
+            "model_version": d.model_version,
+            "action_probability": d.probability,
+            "decided_at_ms": d.decided_at_ms,
+            "send_at_ms": d.send_at_ms,
+            "expires_at_ms": d.expires_at_ms,
+            "trigger_event_id": d.trigger_event_id,
+            "reasons": list(d.reasons),
+            "top_contributions": [{"feature": f, "log_odds": c} for f, c in d.contributions],
+        }
+    )
+
+
+def label_record(label: Label) -> bytes:
+    """A delayed label for the trainer: the features the model saw at decision time and the outcome."""
+    return orjson.dumps(
+        {
+            "kind": "label",
+            "campaign": label.campaign,
+            "decision_id": label.decision_id,
+            "action": label.action,
+            "converted": label.converted,
+            "features": label.features,
+            "model_version": label.model_version,
+            "action_probability": label.probability,
+            "segment": label.segment,
+            "decided_at_ms": label.decided_at_ms,
+            "labelled_at_ms": label.labelled_at_ms,
+        }
+    )
+
+
+def sample_record(features: tuple[float, ...]) -> bytes:
+    """A profile feature vector for the segment model to learn from."""
+    return orjson.dumps({"kind": "segment_sample", "features": features})
+
+
+CONSENT_ACTIONS = ("opt_in", "opt_out", "erase")
+
+
+def parse_consent(raw: bytes) -> tuple[str, str]:
+    """``{"user_id": ..., "action": "opt_in" | "opt_out" | "erase"}`` -> (user_id, action).
+
+    >>> parse_consent(b'{"user_id": "u1", "action": "erase"}')
+    ('u1', 'erase')
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidEvent("malformed_json", "value is not valid UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent("not_an_object", "expected a JSON object")
+    user, action = obj.get("user_id"), obj.get("action")
+    if not isinstance(user, str) or not user:
+        raise InvalidEvent("missing_field", "consent needs a non-empty string user_id")
+    if action not in CONSENT_ACTIONS:
+        raise InvalidEvent("unknown_type", f"consent action must be one of {', '.join(CONSENT_ACTIONS)}")
+    return user, action

@@ -18,7 +18,16 @@ from typing import Any
 
 from stream_app.core.events import Event
 from stream_app.core.features import extract_features
-from stream_app.core.policy import LAPSE, Campaign, Decision, Guardrails, choose, decide, record_push
+from stream_app.core.policy import (
+    LAPSE,
+    Campaign,
+    Decision,
+    Guardrails,
+    choose,
+    decide,
+    ineligibility,
+    record_push,
+)  # fmt: skip
 from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
@@ -84,14 +93,14 @@ class Label:
 
 @dataclass
 class UserState:
-    profile: Profile
+    profile: Profile | None  # None: consent is known but no event yet
     opted_out: bool = False
     pending: list[Pending] = field(default_factory=list)
     lapse_done_ms: int = -1  # last_ms of the quiet period that already got its win-back decision
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "p": self.profile.to_dict(), "o": self.opted_out, "l": self.lapse_done_ms,
+            "p": self.profile.to_dict() if self.profile else None, "o": self.opted_out, "l": self.lapse_done_ms,
             "q": [[x.decision_id, x.campaign, x.action, x.decided_at_ms, x.closes_at_ms, list(x.features),
                    x.model_version, x.probability, x.segment] for x in self.pending],
         }  # fmt: skip
@@ -99,7 +108,7 @@ class UserState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UserState:
         pending = [Pending(q[0], q[1], q[2], q[3], q[4], tuple(q[5]), q[6], q[7], q[8]) for q in d["q"]]
-        return cls(Profile.from_dict(d["p"]), d["o"], pending, d["l"])
+        return cls(Profile.from_dict(d["p"]) if d["p"] else None, d["o"], pending, d["l"])
 
 
 @dataclass
@@ -108,6 +117,7 @@ class Outputs:
     decisions: list[Decision] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
     segment_sample: tuple[float, ...] | None = None  # features to learn segments from
+    ineligible: list[str] = field(default_factory=list)  # campaigns triggered but not targeting the user
     expired: bool = False  # the state should be deleted
 
 
@@ -135,6 +145,8 @@ def tick(
 ) -> tuple[UserState | None, Outputs]:
     """Advance event time to ``now_ms`` for a user who may have sent nothing."""
     out = Outputs()
+    if state.profile is None:
+        return state, out
     if is_expired(state.profile, now_ms, config.profile_ttl_ms):
         out.expired = True
         for p in state.pending:
@@ -153,15 +165,26 @@ def tick(
 
 
 def set_consent(state: UserState | None, opted_out: bool) -> UserState | None:
-    """Opt-out takes effect at once; an opt-in re-enables pushes. No profile yet: nothing to keep."""
+    """Opt-out takes effect at once, also for a user not seen yet; an opt-in re-enables pushes.
+
+    >>> set_consent(None, opted_out=True).opted_out, set_consent(None, opted_out=False)
+    (True, None)
+    """
     if state is None:
-        return None
+        return UserState(None, True) if opted_out else None
     return UserState(state.profile, opted_out, list(state.pending), state.lapse_done_ms)
 
 
 def _decide(state: UserState, campaigns: list[Campaign], features: list[float], now: int, trigger: str,
             user_id: str, models: Models, config: Config, out: Outputs) -> None:  # fmt: skip
     segment = models.segments.predict_one(features)
+    eligible = []
+    for c in campaigns:
+        why = ineligibility(c, features, segment)
+        if why is None:
+            eligible.append(c)
+        else:
+            out.ineligible.append(c.name)
     decisions = [
         decide(
             user_id=user_id,
@@ -175,7 +198,7 @@ def _decide(state: UserState, campaigns: list[Campaign], features: list[float], 
             now_ms=now,
             opted_out=state.opted_out,
         )
-        for c in campaigns
+        for c in eligible
     ]
     windows = {c.name: c.attribution_window_ms for c in campaigns}
     for d in choose(decisions, config.priorities):

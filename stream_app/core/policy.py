@@ -5,8 +5,8 @@ only randomness, holdout assignment and exploration, comes from hashes of stable
 input always gives the same decision and the same ``decision_id`` (a push service can drop replays),
 and every decision records the probability with which its action was chosen (for off-policy evaluation).
 
-Order of checks, each recorded as a reason code:
-consent -> campaign eligibility -> holdout -> score vs threshold (or exploration) -> per-campaign
+Order of checks, each recorded as a reason code (eligibility comes first, in ``ineligibility``):
+consent -> holdout -> score vs threshold (or exploration) -> per-campaign
 cooldown -> global frequency cap and minimum gap -> quiet hours (hold with ``send_at`` or drop).
 ``choose`` keeps at most one push per trigger: the highest-priority campaign that would push.
 """
@@ -128,6 +128,18 @@ def next_allowed_ms(now_ms: int, tz_offset_min: int | None, g: Guardrails) -> in
     return target - offset
 
 
+def ineligibility(campaign: Campaign, features: Sequence[float], segment: int) -> str | None:
+    """Why the campaign does not target this user now (None: it does). Ineligible users get no decision,
+    only a counter: eligibility defines the campaign's audience, and auditing every non-member would
+    write a record for nearly every event."""
+    for rule in campaign.eligibility:
+        if not rule.holds(features):
+            return f"rule:{rule}"
+    if campaign.segments and segment not in campaign.segments:
+        return "segment"
+    return None
+
+
 def decide(
     *,
     user_id: str,
@@ -141,7 +153,7 @@ def decide(
     now_ms: int,
     opted_out: bool = False,
 ) -> Decision:
-    """One campaign's decision for one user and trigger."""
+    """One campaign's decision for one user and trigger; the caller has checked ``ineligibility``."""
     did = decision_id(campaign.name, user_id, trigger_id)
     score = scorer.predict_one(features)
     reasons: list[str] = []
@@ -154,13 +166,6 @@ def decide(
 
     if opted_out:
         reasons.append("suppress:opted_out")
-        return out("suppress", 1.0)
-    failed = [r for r in campaign.eligibility if not r.holds(features)]
-    if failed:
-        reasons.append(f"suppress:ineligible:{failed[0]}")
-        return out("suppress", 1.0)
-    if campaign.segments and segment not in campaign.segments:
-        reasons.append(f"suppress:segment_{segment}_not_targeted")
         return out("suppress", 1.0)
     reasons.append("eligible:" + (",".join(map(str, campaign.eligibility)) or "all"))
     if in_holdout(user_id, campaign):

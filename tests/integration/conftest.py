@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version, metadata_round_trip
+from stream_app.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -79,18 +80,19 @@ def unique() -> str:
 
 
 @pytest.fixture
-def worker_env(kafka_bootstrap: str, unique: str, tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "STREAM_APP_APP_ID": f"it-{unique}",
-        "STREAM_APP_BROKER": ";".join(f"kafka://{h}" for h in kafka_bootstrap.split(",")),
-        "STREAM_APP_DATADIR": str(tmp_path / "data"),
-        "STREAM_APP_CLICKS_TOPIC": f"clicks-{unique}",
-        "STREAM_APP_LIKES_TOPIC": f"likes-{unique}",
-        "STREAM_APP_PAYMENTS_TOPIC": f"payments-{unique}",
-        "STREAM_APP_DEAD_LETTER_TOPIC": f"dead-letters-{unique}",
-        "STREAM_APP_WEB_PORT": str(free_port()),
-    }
+def app_settings(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own app id, topics, data dir and web port."""
+    return Settings(
+        app_id=f"it-{unique}",
+        broker=";".join(f"kafka://{h}" for h in kafka_bootstrap.split(",")),
+        datadir=str(tmp_path / "data"),
+        web_port=free_port(),
+    ).with_topic_suffix(unique)
+
+
+@pytest.fixture
+def worker_env(app_settings: Settings) -> dict[str, str]:
+    return {**os.environ, **app_settings.to_env()}
 
 
 @contextlib.contextmanager

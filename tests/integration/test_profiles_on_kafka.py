@@ -48,14 +48,16 @@ def events(start: int, n: int, users: int) -> list[tuple[str, bytes, bytes]]:
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-def test_worker_builds_profiles_and_recovers_them_after_restart(kafka_bootstrap, worker_env, tmp_path, guarantee):
+def test_worker_builds_profiles_and_recovers_them_after_restart(
+    kafka_bootstrap, app_settings, worker_env, tmp_path, guarantee
+):
+    s = app_settings
     env = {**worker_env, "STREAM_APP_PROCESSING_GUARANTEE": guarantee}
-    topic = {"click": env["STREAM_APP_CLICKS_TOPIC"], "like": env["STREAM_APP_LIKES_TOPIC"],
-             "payment": env["STREAM_APP_PAYMENTS_TOPIC"]}  # fmt: skip
-    dlq = env["STREAM_APP_DEAD_LETTER_TOPIC"]
-    asyncio.run(create_topics(kafka_bootstrap, [*topic.values(), dlq], partitions=4))
+    topic = dict(zip(EVENT_TYPES, s.input_topics, strict=True))
+    dlq = s.dead_letter_topic
+    asyncio.run(create_topics(kafka_bootstrap, s.topic_layout()))
     log = tmp_path / "worker.log"
-    port = env["STREAM_APP_WEB_PORT"]
+    port = str(s.web_port)
 
     first = events(0, 60, users=7)
     records = [(topic[k], key, v) for k, key, v in first] + [(topic["click"], b"u0", b"{broken")]
@@ -67,7 +69,7 @@ def test_worker_builds_profiles_and_recovers_them_after_restart(kafka_bootstrap,
         wait_until(lambda: consumed_total(port) >= len(records), 60, proc, log, "all events of run 1")
         # The worker commits its offsets within its commit interval; stop only then, so that run 2 must
         # neither lose nor re-count anything (event-id dedup for crash redelivery is the pipeline's job).
-        lag = lambda: asyncio.run(group_lag(kafka_bootstrap, env["STREAM_APP_APP_ID"], topic.values()))  # noqa: E731
+        lag = lambda: asyncio.run(group_lag(kafka_bootstrap, s.app_id, topic.values()))  # noqa: E731
         wait_until(lambda: lag() == 0, 60, proc, log, "offsets committed")
     run1 = time.monotonic() - t_start
     print(f"\n[timing] worker start -> first event processed: {to_first:.1f}s; run 1 took {run1:.1f}s")
@@ -84,9 +86,9 @@ def test_worker_builds_profiles_and_recovers_them_after_restart(kafka_bootstrap,
     # What must hold under both guarantees is that every effect is applied once: the state below.
     print(f"\n[restart] {guarantee}: {reconsumed:.0f} events consumed again after restart (deduplicated)")
 
-    changelog = f"{env['STREAM_APP_APP_ID']}-profiles-changelog"
+    changelog = f"{s.app_id}-users-changelog"
     state = latest_by_key(asyncio.run(read_to_end(kafka_bootstrap, changelog, timeout=30)))
-    profiles = {orjson.loads(k): orjson.loads(v) for k, v in state.items()}
+    profiles = {orjson.loads(k): orjson.loads(v)["p"] for k, v in state.items()}
     counts = {u: {t: n for t, n in zip(EVENT_TYPES, p["c"], strict=True) if n} for u, p in profiles.items()}
     expected: dict[str, dict[str, int]] = {}
     for kind, key, _ in first + second:

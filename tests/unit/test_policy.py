@@ -14,6 +14,7 @@ from stream_app.core.policy import (
     decide,
     decision_id,
     in_holdout,
+    ineligibility,
     next_allowed_ms,
     record_push,
 )  # fmt: skip
@@ -67,12 +68,14 @@ def test_quiet_hours_hold_until_the_local_morning_or_drop():
 
 
 def test_eligibility_segments_threshold_and_holdout():
-    ineligible = replace(CART, eligibility=(Rule("log_payments", ">=", 1.0),))
-    assert run(user(), campaign=ineligible).reasons[-1].startswith("suppress:ineligible:log_payments>=1")
-    assert run(user(), campaign=replace(CART, segments=(0, 1))).action == "suppress"
-    assert run(user(), scorer=warm_scorer(-6.0)).reasons[-1] == "suppress:score<0.05"
+    p = user()
+    x = extract_features(p, 12 * HOUR_MS)
+    assert ineligibility(replace(CART, eligibility=(Rule("log_payments", ">=", 1.0),)), x, 2) == "rule:log_payments>=1"
+    assert ineligibility(replace(CART, segments=(0, 1)), x, 2) == "segment"
+    assert ineligibility(replace(CART, segments=(2,)), x, 2) is None
+    assert run(p, scorer=warm_scorer(-6.0)).reasons[-1] == "suppress:score<0.05"
     everyone_held_out = replace(CART, holdout_share=1.0)
-    assert run(user(), campaign=everyone_held_out).action == "holdout"
+    assert run(p, campaign=everyone_held_out).action == "holdout"
 
 
 def test_holdout_is_deterministic_and_close_to_its_share():

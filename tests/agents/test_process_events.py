@@ -1,0 +1,95 @@
+"""The event agent through Faust's test_context(): no broker, the real agent, table and core.
+
+Topic sends are captured (AsyncMock); that they reach Kafka is proven in tests/integration.
+"""
+
+from unittest.mock import AsyncMock
+
+import orjson
+import pytest
+
+from stream_app.app import create_app
+from stream_app.settings import Settings
+
+T0 = 1_700_000_000  # the Kafka record time (seconds) every test message carries
+
+
+@pytest.fixture
+def sa(tmp_path):
+    sa = create_app(Settings(app_id="agent-test", datadir=str(tmp_path), store="memory://"))
+    for topic in sa.topics.values():
+        topic.send = AsyncMock()
+    return sa
+
+
+def ev(i: int, user: str, etype: str = "click", **extra) -> bytes:
+    body = {"event_id": f"e{i}", "type": etype, "user_id": user, "ts": T0 * 1000 + i * 1000}
+    return orjson.dumps(body | ({"amount": 10} if etype == "payment" else {}) | extra)
+
+
+def sent(sa, topic: str) -> list[dict]:
+    return [orjson.loads(c.kwargs["value"]) for c in sa.topics[topic].send.await_args_list]
+
+
+async def put_all(agent, *values: bytes, key: bytes = b"a", topic: str | None = None):
+    for v in values:
+        await agent.put(v, key=key, timestamp=T0)
+
+
+async def test_profiles_count_per_user_and_type_once_per_event_id(sa):
+    async with sa.process_events.test_context() as agent:
+        for i, (user, etype) in enumerate([("a", "click"), ("a", "payment"), ("b", "like"), ("a", "click")]):
+            await agent.put(ev(i, user, etype), key=user.encode(), timestamp=T0)
+        await agent.put(ev(0, "a", "click"), key=b"a", timestamp=T0)  # a redelivery of e0
+        assert sa.users["a"]["p"]["c"] == [2, 0, 1]  # click, like, payment
+        assert sa.users["a"]["p"]["st"] == 10.0
+        assert sa.users["b"]["p"]["c"] == [0, 1, 0]
+        assert list(agent.results.values())[-1] == ("duplicate", "click")
+    assert sa.metrics.duplicates_dropped._value.get() == 1
+
+
+async def test_bad_input_is_dead_lettered_and_the_stream_continues(sa):
+    async with sa.process_events.test_context() as agent:
+        await put_all(agent, b"\xffnot json", ev(1, "a"))
+        assert list(agent.results.values()) == [("dead_letter", "malformed_json"), ("applied", "click")]
+    (record,) = sent(sa, "dead_letters")
+    assert record["error_code"] == "malformed_json" and record["reason"]
+    assert record["value_b64"] == "/25vdCBqc29u"
+    assert sa.users["a"]["p"]["c"] == [1, 0, 0]
+    assert sa.metrics.events_rejected["malformed_json"]._value.get() == 1
+
+
+async def test_triggers_produce_audited_decisions_and_pushes_only_for_push_services(sa):
+    async with sa.process_events.test_context() as agent:
+        await put_all(agent, *(ev(i, "a") for i in range(12)))
+    audit = sent(sa, "audit")
+    cart = [d for d in audit if d["campaign"] == "cart_abandonment"]
+    assert len(cart) == 10  # clicks 3..12 satisfy "clicks >= 3"; one decision per trigger
+    assert len({d["decision_id"] for d in cart}) == 10
+    pushes = sent(sa, "decisions")
+    assert all(d["action"] == "push" for d in pushes)
+    assert {d["decision_id"] for d in pushes} <= {d["decision_id"] for d in audit}
+    assert all(d["model_version"] == 0 and any(r.startswith("cold_start:") for r in d["reasons"]) for d in cart)
+
+
+async def test_opt_out_suppresses_and_erase_forgets_the_user(sa):
+    async with sa.apply_consent.test_context() as consent, sa.process_events.test_context() as events:
+        await consent.put(b'{"user_id":"a","action":"opt_out"}', key=b"a", timestamp=T0)  # before any event
+        await put_all(events, *(ev(i, "a") for i in range(12)))
+        audit = sent(sa, "audit")
+        assert audit and all(d["action"] == "suppress" and "suppress:opted_out" in d["reasons"] for d in audit)
+        assert not sent(sa, "decisions")
+        await consent.put(b'{"user_id":"a","action":"erase"}', key=b"a", timestamp=T0)
+        await put_all(events, ev(50, "a"))
+        assert sa.users["a"] == {"erased": True}  # no profile, no personal data, still suppressed
+        assert list(events.results.values())[-1] == ("erased", "click")
+        await consent.put(b'{"user_id":"a","action":"opt_in"}', key=b"a", timestamp=T0)
+        assert sa.users["a"] == {"erased": True}  # erasure is final for this id
+
+
+async def test_bad_consent_commands_are_dead_lettered(sa):
+    async with sa.apply_consent.test_context() as consent:
+        await consent.put(b'{"user_id":"a","action":"maybe"}', key=b"a", timestamp=T0)
+        await consent.put(b'{"user_id":"a","action":"opt_in"}', key=b"a", timestamp=T0)
+        assert list(consent.results.values()) == [("dead_letter", "unknown_type"), ("consent", "opt_in")]
+    assert sent(sa, "dead_letters")[0]["error_code"] == "unknown_type"
