@@ -180,7 +180,7 @@ def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
         top = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:3]
         for user, c in top:
             p = profiles[user]
-            click.echo(f"      {user}: {c}, spend {p['st']:.2f}, bytes {len(orjson.dumps(state[orjson.dumps(user)]))}")
+            click.echo(f"      {user}: {c}, spend {p['st']:.2f}, bytes {len(state[orjson.dumps(user)])}")
         by = sorted({(d["campaign"], d["action"]) for d in audit})
         summary = ", ".join(f"{c}/{a}={sum(1 for d in audit if (d['campaign'], d['action']) == (c, a))}" for c, a in by)
         click.echo(f"    decisions ({s.audit_topic}): {len(audit)}: {summary or 'none'}")
