@@ -1,0 +1,145 @@
+"""The trainer: the single owner of every model's learning state.
+
+Workers never learn; they score with the latest published snapshot. Labels and segment samples from
+every partition flow to one trainer (a single-partition topic), which learns from each, keeps its full
+learning state as explicit parameters (so another process can take over after a crash), and publishes a
+new version of a model at most every ``publish_every_ms`` of trainer time when it has changed.
+
+Quality is measured progressively, as in River's progressive validation: each label is first scored
+by the current model, then learned from. Per campaign: log loss, ROC AUC (exact, over a bounded
+window of recent labels), mean label delay, and conversion rates of treated (pushed) versus holdout
+users, whose difference is the measured uplift.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_app.core.pipeline import Campaign
+from stream_app.core.propensity import PropensityLearner, PropensityScorer
+from stream_app.core.segments import SegmentModel
+
+SEGMENTS_KEY = "segments"
+
+
+def propensity_key(campaign: str) -> str:
+    return f"propensity:{campaign}"
+
+
+@dataclass
+class Quality:
+    """Progressive quality of one campaign's model on its delayed labels."""
+
+    window: int = 2000
+    n: int = 0
+    log_loss_sum: float = 0.0
+    delay_ms_sum: float = 0.0
+    recent: deque = field(default_factory=deque)  # (score, converted) for the windowed AUC
+    treated: list[int] = field(default_factory=lambda: [0, 0])  # [labels, conversions] of pushed users
+    holdout: list[int] = field(default_factory=lambda: [0, 0])
+
+    def add(self, score: float, converted: bool, delay_ms: int, action: str) -> None:
+        p = min(max(score, 1e-7), 1 - 1e-7)
+        self.n += 1
+        self.log_loss_sum += -math.log(p if converted else 1 - p)
+        self.delay_ms_sum += delay_ms
+        self.recent.append((score, converted))
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        group = self.treated if action == "push" else self.holdout
+        group[0] += 1
+        group[1] += int(converted)
+
+    @property
+    def log_loss(self) -> float:
+        return self.log_loss_sum / self.n if self.n else math.nan
+
+    @property
+    def mean_delay_s(self) -> float:
+        return self.delay_ms_sum / self.n / 1000 if self.n else math.nan
+
+    @property
+    def auc(self) -> float:
+        """Exact ROC AUC over the recent window (ties count half); NaN until both classes occur."""
+        ranked = sorted(self.recent, key=lambda sc: sc[0])
+        pos = sum(1 for _, y in ranked if y)
+        neg = len(ranked) - pos
+        if not pos or not neg:
+            return math.nan
+        rank_sum, i = 0.0, 0
+        while i < len(ranked):
+            j = i
+            while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
+                j += 1
+            avg_rank = (i + j) / 2 + 1
+            rank_sum += avg_rank * sum(1 for k in range(i, j + 1) if ranked[k][1])
+            i = j + 1
+        return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+    @property
+    def uplift(self) -> float:
+        """Conversion rate of pushed users minus that of holdout users (NaN until both have labels)."""
+        if not self.treated[0] or not self.holdout[0]:
+            return math.nan
+        return self.treated[1] / self.treated[0] - self.holdout[1] / self.holdout[0]
+
+
+class Trainer:
+    def __init__(self, campaigns: tuple[Campaign, ...], segments_k: int = 6, publish_every_ms: int = 2000) -> None:
+        self.campaigns = {c.name: c for c in campaigns}
+        self.publish_every_ms = publish_every_ms
+        self.learners = {c.name: PropensityLearner(c.name, c.prior, c.min_labels) for c in campaigns}
+        self.segments = SegmentModel(k=segments_k)
+        self.quality = {c.name: Quality() for c in campaigns}
+        self.dirty: set[str] = set()
+        self.last_publish_ms = -1
+
+    def learn(self, record: dict[str, Any]) -> str | None:
+        """Learn from one model-input record; return the key of the model it changed (None if ignored)."""
+        if record.get("kind") == "segment_sample":
+            self.segments.learn_one(record["features"])
+            self.dirty.add(SEGMENTS_KEY)
+            return SEGMENTS_KEY
+        learner = self.learners.get(record.get("campaign", ""))
+        if record.get("kind") != "label" or learner is None:
+            return None  # a campaign removed from the config: its late labels are dropped
+        x, y = record["features"], bool(record["converted"])
+        score = PropensityScorer.from_params(learner.to_params()).predict_one(x)
+        self.quality[learner.campaign].add(score, y, record["labelled_at_ms"] - record["decided_at_ms"],
+                                           record["action"])  # fmt: skip
+        learner.learn_one(x, y)
+        key = propensity_key(learner.campaign)
+        self.dirty.add(key)
+        return key
+
+    def due(self, now_ms: int) -> dict[str, dict[str, Any]]:
+        """New versions of changed models, if ``publish_every_ms`` has passed; marks them published."""
+        if not self.dirty or now_ms - self.last_publish_ms < self.publish_every_ms:
+            return {}
+        self.last_publish_ms = now_ms
+        out = {}
+        for key in sorted(self.dirty):
+            if key == SEGMENTS_KEY:
+                self.segments.version += 1
+                out[key] = self.segments.to_params()
+            else:
+                learner = self.learners[key.split(":", 1)[1]]
+                learner.version += 1
+                out[key] = learner.to_params()
+        self.dirty.clear()
+        return out
+
+    def state(self, key: str) -> dict[str, Any]:
+        """The full learning state of one model (what a successor trainer restores)."""
+        if key == SEGMENTS_KEY:
+            return self.segments.to_params()
+        return self.learners[key.split(":", 1)[1]].to_params()
+
+    def restore(self, key: str, params: dict[str, Any]) -> None:
+        if key == SEGMENTS_KEY:
+            self.segments = SegmentModel.from_params(params)
+        elif key.split(":", 1)[1] in self.learners:
+            self.learners[key.split(":", 1)[1]] = PropensityLearner.from_params(params)
