@@ -6,13 +6,18 @@ changelog only on assignment), sends outputs and observes metrics. Nothing else.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +25,10 @@ from stream_app.campaigns import load_campaigns
 from stream_app.core.events import EventLimits, InvalidEvent, parse_event
 from stream_app.core.pipeline import Config, Models, Outputs, UserState, process, set_consent
 from stream_app.core.policy import uniform
-from stream_app.core.segments import SegmentModel
+from stream_app.core.propensity import PropensityScorer
+from stream_app.core.segments import SegmentModel, drift
+from stream_app.core.trainer import SEGMENTS_KEY, Trainer
+from stream_app.kafka_io import partitions_of
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 from stream_app.wire import dead_letter, decision_record, label_record, parse_consent, sample_record
@@ -30,9 +38,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelStore:
-    """The models this worker scores with; replaced whole when a new version arrives."""
+    """The models this worker scores with; replaced whole (copy on write) when a new version arrives."""
 
     current: Models
+
+    def apply(self, key: str, params: dict) -> None:
+        """Install one published model version (older or equal versions are ignored)."""
+        cur = self.current
+        if key == SEGMENTS_KEY:
+            if params["version"] > cur.segments.version:
+                self.current = Models(SegmentModel.from_params(params), cur.scorers)
+        elif key.startswith("propensity:"):
+            old = cur.scorers.get(params["campaign"])
+            if old is None or params["version"] > old.version:
+                scorer = PropensityScorer.from_params(params)
+                self.current = Models(cur.segments, {**cur.scorers, params["campaign"]: scorer})
+
+
+def client_kwargs(settings: Settings) -> dict:
+    """Connection settings for plain aiokafka clients, matching the Faust app's (incl. SASL over TLS)."""
+    kw: dict = {"bootstrap_servers": settings.bootstrap_servers}
+    if settings.broker_credentials_mechanism:
+        kw |= {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": settings.broker_credentials_mechanism,
+            "sasl_plain_username": settings.broker_username,
+            "sasl_plain_password": settings.broker_password.get_secret_value(),
+            "ssl_context": ssl.create_default_context(cafile=settings.broker_cafile or None),
+        }
+    return kw
 
 
 @dataclass
@@ -47,6 +81,9 @@ class StreamApp:
     users: Any
     process_events: Any
     apply_consent: Any
+    train: Any
+    trainer: Trainer
+    trainer_state: Any
     topics: dict[str, Any]
 
 
@@ -94,9 +131,13 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         "dead_letters": app.topic(settings.dead_letter_topic, **raw),
         "decisions": app.topic(settings.decisions_topic, **raw),
         "audit": app.topic(settings.audit_topic, **raw),
-        "model_inputs": app.topic(settings.model_inputs_topic, partitions=1, **raw),
+        "model_inputs": app.topic(settings.model_inputs_topic, partitions=1, key_type=bytes, value_type=bytes, **raw),
+        "model_params": app.topic(settings.model_params_topic, partitions=1, **raw),
     }
     users = app.Table("users", default=None, partitions=settings.topic_partitions)
+    trainer_state = app.Table("trainer_state", default=None, partitions=1)
+    trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
+    ownership = {"fresh": False}  # the trainer's in-memory state matches its table only while it owns it
     limits = EventLimits(
         max_bytes=settings.max_event_bytes,
         max_future_ms=settings.max_future_skew_s * 1000,
@@ -176,6 +217,88 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             m.processing_seconds.observe(time.perf_counter() - t0)
             yield ("applied", event.type)
 
+    def on_revoked(*_: Any, **__: Any) -> None:
+        ownership["fresh"] = False
+
+    app.on_partitions_revoked.connect(on_revoked)
+
+    async def train(stream: Any) -> Any:
+        """The single trainer: learn from each label or sample, persist learning state, publish versions."""
+        segment_writes = 0
+        async for e in stream.events():
+            if not ownership["fresh"]:  # (re)gained the partition: continue from the persisted state
+                for key, params in list(trainer_state.items()):
+                    trainer.restore(key, params)
+                ownership["fresh"] = True
+            try:
+                record = orjson.loads(e.value)
+                key = trainer.learn(record)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as bad:
+                log.warning("model input %s@%s ignored: %s", e.message.partition, e.message.offset, type(bad).__name__)
+                m.model_inputs_ignored.inc()
+                yield None
+                continue
+            if key is not None and key != SEGMENTS_KEY:
+                trainer_state[key] = trainer.state(key)  # a label is rare: persist every one
+            elif key == SEGMENTS_KEY:
+                segment_writes += 1
+                if segment_writes % 50 == 0:  # samples are many and a lost few do not matter
+                    trainer_state[key] = trainer.state(key)
+            for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
+                trainer_state[name] = params
+                await topics["model_params"].send(key=name.encode(), value=orjson.dumps(params))
+                m.models_published[(name,)].inc()
+            observe_quality()
+            yield key
+
+    def observe_quality() -> None:
+        for name, q in trainer.quality.items():
+            for gauge, value in ((m.model_log_loss, q.log_loss), (m.model_auc, q.auc),
+                                 (m.label_delay, q.mean_delay_s), (m.uplift, q.uplift)):  # fmt: skip
+                if not math.isnan(value):
+                    gauge[(name,)].set(value)
+
+    @app.task
+    async def follow_models() -> None:
+        """Every worker: read the compacted model-params topic from the start, then follow it."""
+        consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False, group_id=None,
+                                    isolation_level="read_committed")  # fmt: skip
+        await consumer.start()
+        try:
+            kw = client_kwargs(settings)
+            while not (parts := await partitions_of(kw.pop("bootstrap_servers"), settings.model_params_topic, **kw)):
+                kw = client_kwargs(settings)
+                await asyncio.sleep(1.0)  # not created yet: the first publication will create it
+            tps = [TopicPartition(settings.model_params_topic, p) for p in parts]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while True:
+                batch = await consumer.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    for msg in msgs:
+                        with contextlib.suppress(orjson.JSONDecodeError, KeyError, ValueError):
+                            before = models.current.segments
+                            models.apply(msg.key.decode(), orjson.loads(msg.value))
+                            observe_models(before)
+        finally:
+            await consumer.stop()
+
+    def observe_models(before: SegmentModel) -> None:
+        cur = models.current
+        for name, scorer in cur.scorers.items():
+            m.model_version[(f"propensity:{name}",)].set(scorer.version)
+        seg = cur.segments
+        m.model_version[(SEGMENTS_KEY,)].set(seg.version)
+        for j, size in enumerate(seg.counts):
+            m.segment_size[(str(j),)].set(size)
+        if seg is not before and before.centroids:
+            for j, d in enumerate(drift(before, seg)):
+                m.segment_drift[(str(j),)].set(d)
+
     events_agent = app.agent(topics["events"], name="process_events")(process_events)
     consent_agent = app.agent(topics["consent"], name="apply_consent")(apply_consent)
-    return StreamApp(app, settings, metrics, config, models, users, events_agent, consent_agent, topics)
+    train_agent = app.agent(topics["model_inputs"], name="train")(train)
+    return StreamApp(
+        app, settings, metrics, config, models, users, events_agent, consent_agent, train_agent, trainer,
+        trainer_state, topics,
+    )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -75,9 +76,9 @@ async def read_to_end(
         await consumer.stop()
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+async def partitions_of(bootstrap: str, topic: str, **client_kw: Any) -> list[int]:
     """Partition ids of ``topic`` ([] if it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kw)
     await admin.start()
     try:
         (desc,) = await admin.describe_topics([topic])

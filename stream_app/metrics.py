@@ -8,8 +8,9 @@ pre-bound once (each ``.labels()`` lookup costs about a microsecond).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream_app.core.events import EVENT_TYPES
 
@@ -30,6 +31,15 @@ class Metrics:
     labels: dict[tuple[str, bool], Counter]
     consent: dict[str, Counter]
     ineligible: dict[tuple[str], Counter]
+    model_inputs_ignored: Counter
+    models_published: dict[tuple[str], Counter]
+    model_version: dict[tuple[str], Gauge]
+    model_log_loss: dict[tuple[str], Gauge]
+    model_auc: dict[tuple[str], Gauge]
+    label_delay: dict[tuple[str], Gauge]
+    uplift: dict[tuple[str], Gauge]
+    segment_size: dict[tuple[str], Gauge]
+    segment_drift: dict[tuple[str], Gauge]
     suppressed_erased: Counter
 
     @classmethod
@@ -69,6 +79,15 @@ class Metrics:
             "stream_app_ineligible_total", "Triggers where a campaign's eligibility rules excluded the user.",
             ["campaign"], registry=registry,
         )  # fmt: skip
+
+        def gauge(name: str, doc: str, label: str) -> _Children:
+            return _Children(Gauge(name, doc, [label], registry=registry), (label,))
+
+        ignored = Counter("stream_app_model_inputs_ignored_total", "Unreadable trainer inputs.", registry=registry)
+        published = _Children(
+            Counter("stream_app_models_published_total", "Model versions published.", ["model"], registry=registry),
+            ("model",),
+        )
         erased = Counter(
             "stream_app_events_of_erased_users_total", "Events of erased users, dropped unprocessed.", registry=registry
         )
@@ -83,17 +102,32 @@ class Metrics:
             consent={a: consent.labels(action=a) for a in ("opt_in", "opt_out", "erase")},
             suppressed_erased=erased,
             ineligible=_Children(ineligible, ("campaign",)),
+            model_inputs_ignored=ignored,
+            models_published=published,
+            model_version=gauge("stream_app_model_version", "Model version this worker scores with.", "model"),
+            model_log_loss=gauge(
+                "stream_app_model_log_loss", "Progressive log loss on delayed labels (trainer).", "campaign"
+            ),
+            model_auc=gauge(
+                "stream_app_model_roc_auc", "Progressive ROC AUC, recent 2000 labels (trainer).", "campaign"
+            ),
+            label_delay=gauge("stream_app_label_delay_seconds", "Mean decision-to-label delay (trainer).", "campaign"),
+            uplift=gauge("stream_app_uplift", "Conversion rate of pushed minus holdout users (trainer).", "campaign"),
+            segment_size=gauge("stream_app_segment_size", "Points learned per segment (model counts).", "segment"),
+            segment_drift=gauge(
+                "stream_app_segment_drift", "Centroid movement between the last two versions.", "segment"
+            ),
         )
 
 
 class _Children(dict):
     """Label children bound on first use and cached (label values come from config, so they are bounded)."""
 
-    def __init__(self, metric: Counter, names: tuple[str, ...]) -> None:
+    def __init__(self, metric: Counter | Gauge, names: tuple[str, ...]) -> None:
         super().__init__()
         self.metric, self.names = metric, names
 
-    def __missing__(self, values: tuple) -> Counter:
+    def __missing__(self, values: tuple) -> Any:
         child = self.metric.labels(**{n: str(v).lower() for n, v in zip(self.names, values, strict=True)})
         self[values] = child
         return child

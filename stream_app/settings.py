@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     model_params_topic: str = Field("model-params", description="compacted; every worker reads model versions")
     campaigns_file: str = Field("", description="YAML/JSON campaign config; empty = the shipped default")
     segments_k: int = Field(6, ge=2, le=64)
+    model_publish_interval_ms: int = Field(2000, ge=100, description="trainer publishes changed models this often")
     segment_sample_rate: float = Field(0.05, ge=0, le=1, description="share of events that train segments")
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger payloads are dead-lettered")
     max_future_skew_s: int = Field(86_400, ge=0, description="event ts may lead the Kafka record time by this")
