@@ -23,10 +23,11 @@ from prometheus_client import CollectorRegistry
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.events import EventLimits, InvalidEvent, parse_event
-from stream_app.core.pipeline import Config, Models, Outputs, UserState, process, set_consent
-from stream_app.core.policy import uniform
+from stream_app.core.pipeline import Config, Models, Outputs, UserState, advance, next_due_ms, process, set_consent
+from stream_app.core.policy import suppression_code, uniform
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel, drift
+from stream_app.core.timers import Timers, partition_for
 from stream_app.core.trainer import SEGMENTS_KEY, Trainer
 from stream_app.kafka_io import partitions_of
 from stream_app.metrics import Metrics
@@ -85,6 +86,7 @@ class StreamApp:
     trainer: Trainer
     trainer_state: Any
     topics: dict[str, Any]
+    timers: Timers
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
@@ -134,10 +136,16 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         "model_inputs": app.topic(settings.model_inputs_topic, partitions=1, key_type=bytes, value_type=bytes, **raw),
         "model_params": app.topic(settings.model_params_topic, partitions=1, **raw),
     }
+    inputs = {t: app.topic(t, **raw) for t in settings.input_topics}  # to forward mis-keyed messages
+    topics |= {f"input:{t}": topic for t, topic in inputs.items()}
     users = app.Table("users", default=None, partitions=settings.topic_partitions)
     trainer_state = app.Table("trainer_state", default=None, partitions=1)
     trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
     ownership = {"fresh": False}  # the trainer's in-memory state matches its table only while it owns it
+    timers = Timers()
+    index = {"fresh": False}  # the timer index matches the users table only until the next rebalance
+    nparts = settings.topic_partitions
+    size = {"mean": 0.0, "n": 0}  # sampled mean bytes of a user's state
     limits = EventLimits(
         max_bytes=settings.max_event_bytes,
         max_future_ms=settings.max_future_skew_s * 1000,
@@ -158,13 +166,17 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
         return ("dead_letter", bad.code)
 
-    async def emit(out: Outputs, event_id: str) -> None:
+    async def emit(out: Outputs, event_id: str, event_ms: int | None = None) -> None:
         for d in out.decisions:
             record = decision_record(d)
             await audit.send(key=d.user_id.encode(), value=record)
             if d.action == "push":
                 await decisions.send(key=d.user_id.encode(), value=record)
             m.decisions[(d.campaign, d.action)].inc()
+            if (code := suppression_code(d)) is not None:
+                m.suppressions[(d.campaign, code)].inc()
+        if event_ms is not None and out.decisions:
+            m.event_to_decision_seconds.observe(max(0.0, time.time() - event_ms / 1000))
         for name in out.ineligible:
             m.ineligible[(name,)].inc()
         for label in out.labels:
@@ -191,15 +203,59 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             m.consent[action].inc()
             yield ("consent", action)
 
+    def rebuild_timers() -> None:
+        """After a rebalance: schedule every user this worker holds (partitions are recovered by now)."""
+        timers.clear()
+        for user_id, stored in users.items():
+            if stored is not None and not stored.get("erased"):
+                due = next_due_ms(UserState.from_dict(stored), config)
+                timers.schedule(partition_for(user_id, nparts), user_id, due)
+        index["fresh"] = True
+        log.info("timer index rebuilt: %d users scheduled", len(timers))
+
+    def store(user_id: str, state: UserState | None, partition: int) -> None:
+        if state is None:
+            users.pop(user_id, None)  # expired: a tombstone in the changelog
+            return
+        d = state.to_dict()
+        users[user_id] = d
+        timers.schedule(partition, user_id, next_due_ms(state, config))
+        if uniform("size_sample", user_id) < 0.01:  # estimate bytes per user without serializing twice
+            size["n"] += 1
+            size["mean"] += (len(orjson.dumps(d)) - size["mean"]) / min(size["n"], 1000)
+
+    async def fire_timers(partition: int, event_ms: int) -> None:
+        """Tick every user of this partition whose timer the partition's event-time watermark passed."""
+        watermark = timers.advance(partition, event_ms)
+        for user_id in timers.pop_due(partition):
+            stored = users.get(user_id)
+            if stored is None or stored.get("erased"):
+                continue
+            new, out = advance(UserState.from_dict(stored), user_id, watermark, models.current, config)
+            store(user_id, new, partition)
+            await emit(out, user_id)
+            m.timers_fired.inc()
+
     async def process_events(stream: Any) -> Any:
         """Events -> user state -> decisions, labels. Yields each message's outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
+            msg = e.message
             try:
-                event = parse_event(e.value, limits, ref_ms=int(e.message.timestamp * 1000))
+                event = parse_event(e.value, limits, ref_ms=int(msg.timestamp * 1000))
             except InvalidEvent as bad:
                 yield await reject(e, bad)
                 continue
+            home = partition_for(event.user_id, nparts)
+            if msg.partition != home:  # keyed otherwise: move it to its user's partition, process it there
+                by_type = inputs[settings.input_topics[("click", "like", "payment").index(event.type)]]
+                await inputs.get(msg.topic, by_type).send(key=event.user_id.encode(), value=e.value, partition=home)
+                m.repartitioned.inc()
+                yield ("repartitioned", event.type)
+                continue
+            if not index["fresh"]:
+                rebuild_timers()
+            await fire_timers(msg.partition, event.ts_ms)
             stored = users.get(event.user_id)
             if stored is not None and stored.get("erased"):
                 m.suppressed_erased.inc()
@@ -211,14 +267,21 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 m.duplicates_dropped.inc()
                 yield ("duplicate", event.type)
                 continue
-            users[event.user_id] = new.to_dict()
-            await emit(out, event.event_id)
+            store(event.user_id, new, msg.partition)
+            await emit(out, event.event_id, event.ts_ms)
             m.events_consumed[event.type].inc()
             m.processing_seconds.observe(time.perf_counter() - t0)
             yield ("applied", event.type)
 
+    @app.timer(5.0)
+    async def observe_state() -> None:
+        m.state_users.set(len(users))
+        m.state_bytes.set(len(users) * size["mean"])
+        m.timers_pending.set(len(timers))
+
     def on_revoked(*_: Any, **__: Any) -> None:
         ownership["fresh"] = False
+        index["fresh"] = False
 
     app.on_partitions_revoked.connect(on_revoked)
 
@@ -300,5 +363,5 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     train_agent = app.agent(topics["model_inputs"], name="train")(train)
     return StreamApp(
         app, settings, metrics, config, models, users, events_agent, consent_agent, train_agent, trainer,
-        trainer_state, topics,
+        trainer_state, topics, timers,
     )  # fmt: skip

@@ -41,6 +41,13 @@ class Metrics:
     segment_size: dict[tuple[str], Gauge]
     segment_drift: dict[tuple[str], Gauge]
     suppressed_erased: Counter
+    suppressions: dict[tuple[str, str], Counter]
+    repartitioned: Counter
+    timers_fired: Counter
+    timers_pending: Gauge
+    event_to_decision_seconds: Histogram
+    state_users: Gauge
+    state_bytes: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -91,8 +98,38 @@ class Metrics:
         erased = Counter(
             "stream_app_events_of_erased_users_total", "Events of erased users, dropped unprocessed.", registry=registry
         )
+        suppressions = Counter(
+            "stream_app_suppressions_total", "Suppressed decisions by campaign and the rule that suppressed.",
+            ["campaign", "reason"], registry=registry,
+        )  # fmt: skip
+        repartitioned = Counter(
+            "stream_app_events_repartitioned_total",
+            "Messages not on their user's partition, forwarded once to it before processing.", registry=registry,
+        )  # fmt: skip
+        fired = Counter(
+            "stream_app_timers_fired_total", "Event-time timers fired (label expiry, win-back, TTL).", registry=registry
+        )
+        pending = Gauge("stream_app_timers_pending", "Users with a scheduled event-time timer.", registry=registry)
+        e2d = Histogram(
+            "stream_app_event_to_decision_seconds",
+            "Wall-clock time of a decision minus the event time of the event that triggered it.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=registry,
+        )  # fmt: skip
+        users = Gauge("stream_app_state_users", "Users in this worker's table (incl. standbys).", registry=registry)
+        size = Gauge(
+            "stream_app_state_bytes", "Estimated bytes of user state: users x sampled mean JSON size.",
+            registry=registry,
+        )  # fmt: skip
         return cls(
             registry=registry,
+            suppressions=_Children(suppressions, ("campaign", "reason")),
+            repartitioned=repartitioned,
+            timers_fired=fired,
+            timers_pending=pending,
+            event_to_decision_seconds=e2d,
+            state_users=users,
+            state_bytes=size,
             events_consumed={t: consumed.labels(type=t) for t in EVENT_TYPES},
             events_rejected={c: rejected.labels(reason=c) for c in REJECT_CODES},
             processing_seconds=seconds,

@@ -164,6 +164,40 @@ def tick(
     return new, out
 
 
+def next_due_ms(state: UserState, config: Config) -> int | None:
+    """The earliest event time at which ``tick`` would do something for this user (None: never).
+
+    A label window closing, the quiet period reaching a win-back campaign's lapse, or the profile's TTL.
+    """
+    if state.profile is None:
+        return None
+    last = state.profile.last_ms
+    due = [p.closes_at_ms + 1 for p in state.pending]
+    due.append(last + config.profile_ttl_ms + 1)
+    if state.lapse_done_ms != last:
+        due.extend(last + c.lapse_after_ms for c in config.campaigns if LAPSE in c.triggers)
+    return min(due)
+
+
+def advance(
+    state: UserState, user_id: str, watermark_ms: int, models: Models, config: Config
+) -> tuple[UserState | None, Outputs]:
+    """Fire every timer of this user due at or before the watermark, each at its own due time.
+
+    Running a timer at its due time (not at the watermark) makes the outputs independent of when the
+    watermark happened to pass it: Kafka partitions and a replay of one file give the same decisions.
+    """
+    total = Outputs()
+    current: UserState | None = state
+    while current is not None and (due := next_due_ms(current, config)) is not None and due <= watermark_ms:
+        current, out = tick(current, user_id, due, models, config)
+        total.decisions += out.decisions
+        total.labels += out.labels
+        total.ineligible += out.ineligible
+        total.expired = total.expired or out.expired
+    return current, total
+
+
 def set_consent(state: UserState | None, opted_out: bool) -> UserState | None:
     """Opt-out takes effect at once, also for a user not seen yet; an opt-in re-enables pushes.
 

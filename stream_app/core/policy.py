@@ -206,6 +206,29 @@ def decide(
     return out("push", probability, send_at)
 
 
+SUPPRESSION_CODES = (
+    "opted_out", "below_threshold", "campaign_cooldown", "frequency_cap", "min_gap", "quiet_hours",
+    "one_push_per_trigger",
+)  # fmt: skip
+
+
+def suppression_code(decision: Decision) -> str | None:
+    """The bounded code of what suppressed a decision (for metrics); None if it was not suppressed.
+
+    The last ``suppress:`` reason wins: a push demoted by ``choose`` has passed every earlier rule.
+
+    >>> d = Decision("id", "u", "c", "suppress", 0.1, 0, 0, 1.0, 0, None, None, "e", ("suppress:score<0.2",), (), ())
+    >>> suppression_code(d)
+    'below_threshold'
+    """
+    if decision.action != "suppress":
+        return None
+    reason = next((r for r in reversed(decision.reasons) if r.startswith("suppress:")), "suppress:")[9:]
+    if reason.startswith("score<"):
+        return "below_threshold"
+    return next((c for c in SUPPRESSION_CODES if reason.startswith(c)), "other")
+
+
 def choose(decisions: Sequence[Decision], priorities: dict[str, int]) -> list[Decision]:
     """At most one push per trigger: keep the highest-priority push, turn other pushes into suppressions."""
     pushes = sorted((d for d in decisions if d.action == "push"), key=lambda d: (-priorities[d.campaign], d.campaign))

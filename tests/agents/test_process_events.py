@@ -93,3 +93,39 @@ async def test_bad_consent_commands_are_dead_lettered(sa):
         await consent.put(b'{"user_id":"a","action":"opt_in"}', key=b"a", timestamp=T0)
         assert list(consent.results.values()) == [("dead_letter", "unknown_type"), ("consent", "opt_in")]
     assert sent(sa, "dead_letters")[0]["error_code"] == "unknown_type"
+
+
+async def test_a_message_on_the_wrong_partition_is_forwarded_to_its_users_partition(sa):
+    # partition_for("u", 4) == 3: a producer that keyed by something else put it on partition 0
+    async with sa.process_events.test_context() as agent:
+        await agent.put(ev(1, "u"), key=b"not-the-user", partition=0, timestamp=T0)
+        assert list(agent.results.values()) == [("repartitioned", "click")]
+        assert sa.users.get("u") is None  # not applied on the wrong partition
+    (call,) = sa.topics["input:clicks"].send.await_args_list
+    assert call.kwargs == {"key": b"u", "value": ev(1, "u"), "partition": 3}
+    assert sa.metrics.repartitioned._value.get() == 1
+
+
+async def test_event_time_timers_win_back_a_quiet_buyer_and_close_label_windows_without_their_events(sa):
+    day = 86_400_000
+    async with sa.process_events.test_context() as agent:
+        # "a" bought two days ago, then clicks: cart decisions open label windows (push or holdout)
+        await agent.put(ev(0, "a", "payment", ts=T0 * 1000 - 2 * day), key=b"a", partition=0, timestamp=T0)
+        for i in range(1, 13):
+            await agent.put(ev(i, "a"), key=b"a", partition=0, timestamp=T0)
+        opened = [d for d in sent(sa, "audit") if d["action"] in ("push", "holdout")]
+        assert opened
+        assert not [r for r in sent(sa, "model_inputs") if r.get("kind") == "label"]
+        # only "b" (same partition) sends events: its event time alone moves partition 0's watermark
+        await agent.put(ev(100, "b", ts=T0 * 1000 + 2 * day), key=b"b", partition=0, timestamp=T0 + 2 * 86_400)
+        labels = [r for r in sent(sa, "model_inputs") if r.get("kind") == "label"]
+        assert {r["decision_id"] for r in labels} == {d["decision_id"] for d in opened}
+        assert not any(r["converted"] for r in labels)  # windows closed without a conversion
+        assert not [d for d in sent(sa, "audit") if d["campaign"] == "winback"]  # 2 days quiet: too early
+        await agent.put(ev(101, "b", ts=T0 * 1000 + 8 * day), key=b"b", partition=0, timestamp=T0 + 8 * 86_400)
+        (winback,) = [d for d in sent(sa, "audit") if d["campaign"] == "winback"]
+        assert winback["user_id"] == "a" and winback["trigger_event_id"].startswith("lapse:")
+        assert winback["decided_at_ms"] == int(winback["trigger_event_id"][6:]) + 7 * day  # fired at its due time
+        await agent.put(ev(102, "b", ts=T0 * 1000 + 9 * day), key=b"b", partition=0, timestamp=T0 + 9 * 86_400)
+        assert len([d for d in sent(sa, "audit") if d["campaign"] == "winback"]) == 1  # once per quiet period
+    assert sa.metrics.timers_fired._value.get() >= 2
