@@ -16,9 +16,9 @@ from jsonschema import Draft202012Validator
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.events import EVENT_TYPES, Event, InvalidEvent, parse_event
-from stream_app.core.features import FEATURE_NAMES, extract_features
-from stream_app.core.pipeline import Config, Models, process, set_consent
-from stream_app.core.policy import decide, ineligibility
+from stream_app.core.features import FEATURE_NAMES
+from stream_app.core.pipeline import Config, Models, advance, process, set_consent
+from stream_app.core.policy import SUPPRESSION_CODES, suppression_code
 from stream_app.core.profile import DAY_MS, HOUR_MS
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
@@ -104,7 +104,6 @@ MODEL_INPUT = validator("model-input.v1.json")
 MODEL_PARAMS = validator("model-params.v1.json")
 
 CAMPAIGNS, GUARDRAILS = load_campaigns()
-BY_NAME = {c.name: c for c in CAMPAIGNS}
 CONFIG = Config(CAMPAIGNS, GUARDRAILS)
 DROP = Config(CAMPAIGNS, replace(GUARDRAILS, quiet_mode="drop"))  # quiet hours suppress instead of hold
 TWO_ON_CLICK = Config(  # two campaigns compete for one trigger: at most one of them pushes
@@ -156,17 +155,10 @@ def simulate(steps, user="u", tz=0, models=WARM, config=CONFIG, opt_out_at=None)
     return state, outs
 
 
-def winback(state, user, models):
-    """The win-back decision an event-time timer makes for a user quiet for ``lapse_after``."""
-    c = BY_NAME["winback"]
-    now = state.profile.last_ms + c.lapse_after_ms
-    x = extract_features(state.profile, now)
-    segment = models.segments.predict_one(x)
-    if ineligibility(c, x, segment) is not None:
-        return None
-    return decide(user_id=user, profile=state.profile, features=x, segment=segment, campaign=c,
-                  scorer=models.scorer(c), guardrails=GUARDRAILS, trigger_id=f"lapse:{state.profile.last_ms}",
-                  now_ms=now, opted_out=state.opted_out)  # fmt: skip
+def after_quiet(state, user, models, config):
+    """What the user's event-time timers do once the partition's watermark is 10 days past the user's last
+    event: close label windows (negative labels) and make the win-back decision."""
+    return advance(state, user, state.profile.last_ms + 10 * DAY_MS, models, config)[1]
 
 
 def scenario():
@@ -180,11 +172,10 @@ def scenario():
         config = (CONFIG, DROP, TWO_ON_CLICK, BUSY)[i % 4]
         tz = rnd.choice([None, 0, 120, -300, 540])
         state, outs = simulate(steps, f"u{i}", tz, models, config, opt_out_at=12 if i % 7 == 0 else None)
-        for out in outs:
+        for out in [*outs, after_quiet(state, f"u{i}", models, config)]:
             decisions += out.decisions
             labels += out.labels
-            samples.append(out.segment_sample)
-        decisions += filter(None, [winback(state, f"u{i}", models)])
+            samples += filter(None, [out.segment_sample])
     return decisions, labels, samples
 
 
@@ -226,6 +217,9 @@ def test_emitted_decisions_validate_and_cover_every_action_and_reason_code():
     for name, pattern in patterns.items():  # the schema lists no reason the code never gives
         assert any(re.search(pattern, r) for r in reasons), name
     assert len(patterns) == len(DECISION.schema["properties"]["reasons"]["items"]["anyOf"])
+    # every suppression maps to one of the bounded codes of stream_app_suppressions_total
+    assert {suppression_code(d) for d in DECISIONS if d.action == "suppress"} == set(SUPPRESSION_CODES)
+    assert sum(p.startswith("^suppress:") for p in patterns.values()) == len(SUPPRESSION_CODES)
 
 
 def test_emitted_labels_and_samples_validate():
@@ -246,13 +240,16 @@ def test_emitted_labels_and_samples_validate():
 )
 @settings(max_examples=150, deadline=None)
 def test_whatever_a_user_does_the_records_validate(steps, tz, models, config, opt_out_at):
-    _, outs = simulate(steps, "user-x", tz, models, config, opt_out_at)
+    state, outs = simulate(steps, "user-x", tz, models, config, opt_out_at)
+    if state is not None and state.profile is not None:
+        outs.append(after_quiet(state, "user-x", models, config))
     for out in outs:
         for d in out.decisions:
             assert_valid(DECISION, loads(decision_record(d)))
         for label in out.labels:
             assert_valid(MODEL_INPUT, loads(label_record(label)))
-        assert_valid(MODEL_INPUT, loads(sample_record(out.segment_sample)))
+        if out.segment_sample is not None:
+            assert_valid(MODEL_INPUT, loads(sample_record(out.segment_sample)))
 
 
 PUSH = loads(decision_record(next(d for d in DECISIONS if d.action == "push")))
