@@ -87,6 +87,73 @@ class StreamApp:
     trainer_state: Any
     topics: dict[str, Any]
     timers: Timers
+    outbox: Outbox
+
+
+Record = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value, partition
+
+
+@dataclass
+class Outbox:
+    """Writes all effects of one input message (state changelog records and outputs) atomically.
+
+    Faust 0.15's exactly_once is not enough on its own, as measured by the SIGKILL test: (1) it picks a
+    transactional producer by the *destination* topic and partition, so for topics the app does not
+    consume (push-decisions, audit, dead letters, model-params) it sends outside any transaction, and for
+    another partition (model-inputs, a repartitioned event) it fails unless this worker owns that
+    partition; (2) table changelog writes go through a background buffer, so a commit can separate an
+    event's state from its outputs. Here every record of one input message is sent by the source
+    partition's transactional producer while holding that producer's lock, so the commit task cannot
+    split them: state and outputs commit together, in the same transaction as, or one before, the input
+    offset. A message whose offset did not commit is processed again and the event-id dedup then finds
+    its state already applied, so nothing is pushed twice. Outside an event (timers) and under
+    at_least_once the records are sent by the plain producer, in order.
+    """
+
+    app: faust.App
+
+    async def flush(self, records: list[Record]) -> None:
+        if not records:
+            return
+        producer = self.app.producer
+        event = faust.current_event() if self.app.in_transaction else None
+        if event is None:
+            for topic, key, value, partition in records:
+                await producer.send(topic, key, value, partition, None, None)
+            return
+        tp = event.message.tp
+        tid = f"{self.app.conf.id}-{self.app.assignor.group_for_topic(tp.topic)}-{tp.partition}"
+        transactional = producer._transaction_producers.get(tid)  # Faust's per-partition producer
+        if transactional is None:
+            raise RuntimeError(f"no transactional producer {tid} for {tp} (partition revoked mid-event?)")
+        async with producer._trn_locks[tid]:
+            for topic, key, value, partition in records:
+                await transactional.send(topic, value=value, key=key, partition=partition)
+
+
+class StateTable:
+    """A Faust table whose changelog records are written by the Outbox, in the event's transaction.
+
+    Reads and recovery are Faust's (the changelog topic, key and value formats are unchanged); only the
+    write path differs: the in-memory store is updated directly and the changelog record is queued.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.topic = table.changelog_topic.get_topic_name()
+
+    def get(self, key: str) -> Any:
+        return self.table.get(key)
+
+    def put(self, batch: list[Record], key: str, value: dict | None, partition: int) -> None:
+        store = self.table.data
+        if value is None:
+            store.pop(key, None)
+        else:
+            store[key] = value
+        if hasattr(store, "_key_partition"):  # the memory store drops keys of partitions it loses by this
+            store._key_partition[key] = partition
+        batch.append((self.topic, orjson.dumps(key), None if value is None else orjson.dumps(value), partition))
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
@@ -117,6 +184,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         processing_guarantee=settings.processing_guarantee,
+        broker_commit_interval=settings.commit_interval_s,
+        broker_session_timeout=settings.session_timeout_s,
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         web_tables_enabled=settings.table_views,
@@ -136,8 +205,6 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         "model_inputs": app.topic(settings.model_inputs_topic, partitions=1, key_type=bytes, value_type=bytes, **raw),
         "model_params": app.topic(settings.model_params_topic, partitions=1, **raw),
     }
-    inputs = {t: app.topic(t, **raw) for t in settings.input_topics}  # to forward mis-keyed messages
-    topics |= {f"input:{t}": topic for t, topic in inputs.items()}
     users = app.Table("users", default=None, partitions=settings.topic_partitions)
     trainer_state = app.Table("trainer_state", default=None, partitions=1)
     trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
@@ -152,26 +219,28 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         max_past_ms=settings.max_past_skew_s * 1000,
     )
     m = metrics
+    outbox = Outbox(app)
+    user_state, learning_state = StateTable(users), StateTable(trainer_state)
     sample_rate = settings.segment_sample_rate
-    dead_letters, decisions, audit, model_inputs = (
-        topics["dead_letters"], topics["decisions"], topics["audit"], topics["model_inputs"],
-    )  # fmt: skip
+    name_of = {k: t.get_topic_name() for k, t in topics.items() if k != "events"}
+    by_type = dict(zip(("click", "like", "payment"), settings.input_topics, strict=True))
 
-    async def reject(e: Any, bad: InvalidEvent) -> tuple[str, str]:
+    def reject(batch: list[Record], e: Any, bad: InvalidEvent) -> tuple[str, str]:
         msg = e.message
-        await dead_letters.send(
-            key=e.key, value=dead_letter(e.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason)
-        )
+        value = dead_letter(e.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason)
+        batch.append((name_of["dead_letters"], e.key, value, None))
         m.events_rejected[bad.code].inc()
         log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
         return ("dead_letter", bad.code)
 
-    async def emit(out: Outputs, event_id: str, event_ms: int | None = None) -> None:
+    def collect(batch: list[Record], out: Outputs, event_id: str, event_ms: int | None = None) -> None:
+        """Queue a step's outputs: every decision to the audit, pushes to push services, model inputs."""
         for d in out.decisions:
             record = decision_record(d)
-            await audit.send(key=d.user_id.encode(), value=record)
+            key = d.user_id.encode()
+            batch.append((name_of["audit"], key, record, None))
             if d.action == "push":
-                await decisions.send(key=d.user_id.encode(), value=record)
+                batch.append((name_of["decisions"], key, record, None))
             m.decisions[(d.campaign, d.action)].inc()
             if (code := suppression_code(d)) is not None:
                 m.suppressions[(d.campaign, code)].inc()
@@ -180,28 +249,38 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         for name in out.ineligible:
             m.ineligible[(name,)].inc()
         for label in out.labels:
-            await model_inputs.send(key=label.campaign.encode(), value=label_record(label))
+            batch.append((name_of["model_inputs"], label.campaign.encode(), label_record(label), None))
             m.labels[(label.campaign, label.converted)].inc()
         if out.segment_sample is not None and uniform("segment_sample", event_id) < sample_rate:
-            await model_inputs.send(key=b"segments", value=sample_record(out.segment_sample))
+            batch.append((name_of["model_inputs"], b"segments", sample_record(out.segment_sample), None))
 
     async def apply_consent(stream: Any) -> Any:
         """Opt-out, opt-in and erase commands. Opt-out wins at once; erase keeps only a suppression marker."""
         async for e in stream.events():
-            try:
-                user_id, action = parse_consent(e.value)
-            except InvalidEvent as bad:
-                yield await reject(e, bad)
-                continue
-            stored = users.get(user_id)
-            if action == "erase":
-                users[user_id] = {"erased": True}  # no personal data; keeps the user suppressed
-            elif stored is None or not stored.get("erased"):
-                state = set_consent(UserState.from_dict(stored) if stored else None, opted_out=action == "opt_out")
-                if state is not None:
-                    users[user_id] = state.to_dict()
-            m.consent[action].inc()
-            yield ("consent", action)
+            batch: list[Record] = []
+            result = consent_step(batch, e)
+            await outbox.flush(batch)
+            yield result
+
+    def consent_step(batch: list[Record], e: Any) -> tuple[str, str]:
+        try:
+            user_id, action = parse_consent(e.value)
+        except InvalidEvent as bad:
+            return reject(batch, e, bad)
+        home = partition_for(user_id, nparts)
+        if e.message.partition != home:  # consent must land where the user's state lives
+            batch.append((name_of["consent"], user_id.encode(), e.value, home))
+            m.repartitioned.inc()
+            return ("repartitioned", action)
+        stored = user_state.get(user_id)
+        if action == "erase":
+            user_state.put(batch, user_id, {"erased": True}, home)  # no personal data; stays suppressed
+        elif stored is None or not stored.get("erased"):
+            state = set_consent(UserState.from_dict(stored) if stored else None, opted_out=action == "opt_out")
+            if state is not None:
+                user_state.put(batch, user_id, state.to_dict(), home)
+        m.consent[action].inc()
+        return ("consent", action)
 
     def rebuild_timers() -> None:
         """After a rebalance: schedule every user this worker holds (partitions are recovered by now)."""
@@ -213,65 +292,69 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         index["fresh"] = True
         log.info("timer index rebuilt: %d users scheduled", len(timers))
 
-    def store(user_id: str, state: UserState | None, partition: int) -> None:
+    def store(batch: list[Record], user_id: str, state: UserState | None, partition: int) -> None:
         if state is None:
-            users.pop(user_id, None)  # expired: a tombstone in the changelog
+            user_state.put(batch, user_id, None, partition)  # expired: a tombstone in the changelog
             return
         d = state.to_dict()
-        users[user_id] = d
+        user_state.put(batch, user_id, d, partition)
         timers.schedule(partition, user_id, next_due_ms(state, config))
         if uniform("size_sample", user_id) < 0.01:  # estimate bytes per user without serializing twice
             size["n"] += 1
             size["mean"] += (len(orjson.dumps(d)) - size["mean"]) / min(size["n"], 1000)
 
-    async def fire_timers(partition: int, event_ms: int) -> None:
+    def fire_timers(batch: list[Record], partition: int, event_ms: int) -> None:
         """Tick every user of this partition whose timer the partition's event-time watermark passed."""
         watermark = timers.advance(partition, event_ms)
         for user_id in timers.pop_due(partition):
-            stored = users.get(user_id)
+            stored = user_state.get(user_id)
             if stored is None or stored.get("erased"):
                 continue
             new, out = advance(UserState.from_dict(stored), user_id, watermark, models.current, config)
-            store(user_id, new, partition)
-            await emit(out, user_id)
+            store(batch, user_id, new, partition)
+            collect(batch, out, user_id)
             m.timers_fired.inc()
+
+    def event_step(batch: list[Record], e: Any) -> tuple[str, str]:
+        """One input message: validate, repartition, fire due timers, apply the event. Effects go to batch."""
+        msg = e.message
+        try:
+            event = parse_event(e.value, limits, ref_ms=int(msg.timestamp * 1000))
+        except InvalidEvent as bad:
+            return reject(batch, e, bad)
+        home = partition_for(event.user_id, nparts)
+        if msg.partition != home:  # keyed otherwise: move it to its user's partition, process it there
+            topic = msg.topic if msg.topic in settings.input_topics else by_type[event.type]
+            batch.append((topic, event.user_id.encode(), e.value, home))
+            m.repartitioned.inc()
+            return ("repartitioned", event.type)
+        if not index["fresh"]:
+            rebuild_timers()
+        fire_timers(batch, home, event.ts_ms)
+        stored = user_state.get(event.user_id)
+        if stored is not None and stored.get("erased"):
+            m.suppressed_erased.inc()
+            return ("erased", event.type)
+        state = UserState.from_dict(stored) if stored else None
+        new, out = process(state, event, models.current, config)
+        if out.duplicate:
+            m.duplicates_dropped.inc()
+            return ("duplicate", event.type)
+        store(batch, event.user_id, new, home)
+        collect(batch, out, event.event_id, event.ts_ms)
+        m.events_consumed[event.type].inc()
+        return ("applied", event.type)
 
     async def process_events(stream: Any) -> Any:
         """Events -> user state -> decisions, labels. Yields each message's outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
-            msg = e.message
-            try:
-                event = parse_event(e.value, limits, ref_ms=int(msg.timestamp * 1000))
-            except InvalidEvent as bad:
-                yield await reject(e, bad)
-                continue
-            home = partition_for(event.user_id, nparts)
-            if msg.partition != home:  # keyed otherwise: move it to its user's partition, process it there
-                by_type = inputs[settings.input_topics[("click", "like", "payment").index(event.type)]]
-                await inputs.get(msg.topic, by_type).send(key=event.user_id.encode(), value=e.value, partition=home)
-                m.repartitioned.inc()
-                yield ("repartitioned", event.type)
-                continue
-            if not index["fresh"]:
-                rebuild_timers()
-            await fire_timers(msg.partition, event.ts_ms)
-            stored = users.get(event.user_id)
-            if stored is not None and stored.get("erased"):
-                m.suppressed_erased.inc()
-                yield ("erased", event.type)
-                continue
-            state = UserState.from_dict(stored) if stored else None
-            new, out = process(state, event, models.current, config)
-            if out.duplicate:
-                m.duplicates_dropped.inc()
-                yield ("duplicate", event.type)
-                continue
-            store(event.user_id, new, msg.partition)
-            await emit(out, event.event_id, event.ts_ms)
-            m.events_consumed[event.type].inc()
-            m.processing_seconds.observe(time.perf_counter() - t0)
-            yield ("applied", event.type)
+            batch: list[Record] = []
+            result = event_step(batch, e)
+            await outbox.flush(batch)
+            if result[0] == "applied":
+                m.processing_seconds.observe(time.perf_counter() - t0)
+            yield result
 
     @app.timer(5.0)
     async def observe_state() -> None:
@@ -301,18 +384,31 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 m.model_inputs_ignored.inc()
                 yield None
                 continue
+            batch: list[Record] = []
             if key is not None and key != SEGMENTS_KEY:
-                trainer_state[key] = trainer.state(key)  # a label is rare: persist every one
+                learning_state.put(batch, key, trainer.state(key), 0)  # a label is rare: persist every one
             elif key == SEGMENTS_KEY:
                 segment_writes += 1
-                if segment_writes % 50 == 0:  # samples are many and a lost few do not matter
-                    trainer_state[key] = trainer.state(key)
+                if segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
+                    learning_state.put(batch, key, trainer.state(key), 0)
             for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
-                trainer_state[name] = params
-                await topics["model_params"].send(key=name.encode(), value=orjson.dumps(params))
+                learning_state.put(batch, name, params, 0)
+                batch.append((name_of["model_params"], name.encode(), orjson.dumps(params), None))
                 m.models_published[(name,)].inc()
+            await outbox.flush(batch)
             observe_quality()
             yield key
+
+    @app.timer(settings.model_publish_interval_ms / 1000)
+    async def flush_models() -> None:
+        """Publication rides on trainer input; when inputs pause, nudge the trainer so no learned label waits.
+
+        A flush record is harmless if repeated or lost (the trainer ignores it beyond publishing what is due).
+        """
+        if ownership["fresh"] and trainer.dirty:
+            # a plain send: inside the trainer's own open transaction it would wait for the trainer to commit
+            await app.producer.send(topics["model_inputs"].get_topic_name(), b"flush", b'{"kind": "flush"}', None,
+                                    None, None)  # fmt: skip
 
     def observe_quality() -> None:
         for name, q in trainer.quality.items():
@@ -363,5 +459,5 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     train_agent = app.agent(topics["model_inputs"], name="train")(train)
     return StreamApp(
         app, settings, metrics, config, models, users, events_agent, consent_agent, train_agent, trainer,
-        trainer_state, topics, timers,
+        trainer_state, topics, timers, outbox,
     )  # fmt: skip

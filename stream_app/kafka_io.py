@@ -33,12 +33,12 @@ async def create_topics(
         await admin.close()
 
 
-async def produce(bootstrap: str, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
-    """Send (topic, key, value) records and wait for every ack."""
+async def produce(bootstrap: str, records: Iterable[tuple]) -> int:
+    """Send (topic, key, value) or (topic, key, value, partition) records and wait for every ack."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=True)
     await producer.start()
     try:
-        futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
+        futures = [await producer.send(t, value=v, key=k, partition=p[0] if p else None) for t, k, v, *p in records]
         await asyncio.gather(*futures)
         return len(futures)
     finally:

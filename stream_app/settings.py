@@ -28,7 +28,14 @@ class Settings(BaseSettings):
     datadir: str = "/tmp/stream-app-data"
     topic_partitions: int = Field(4, ge=1, description="partitions of the topics the app creates")
     topic_replication: int = Field(1, ge=1)
-    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "exactly_once"
+    commit_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="offset commit (exactly_once: transaction) interval; outputs of exactly_once "
+        "become visible to read_committed consumers at commit, so this bounds decision latency",
+    )
+    session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
 
     clicks_topic: str = "clicks"
     likes_topic: str = "likes"

@@ -16,9 +16,10 @@ T0 = 1_700_000_000  # the Kafka record time (seconds) every test message carries
 
 @pytest.fixture
 def sa(tmp_path):
-    sa = create_app(Settings(app_id="agent-test", datadir=str(tmp_path), store="memory://"))
-    for topic in sa.topics.values():
-        topic.send = AsyncMock()
+    # at_least_once: test_context() has no transactional producers (exactly_once is proven on the real broker)
+    sa = create_app(Settings(app_id="agent-test", datadir=str(tmp_path), store="memory://",
+                             processing_guarantee="at_least_once"))  # fmt: skip
+    sa.outbox.flush = AsyncMock()  # captures each message's atomic batch of effects
     return sa
 
 
@@ -27,8 +28,14 @@ def ev(i: int, user: str, etype: str = "click", **extra) -> bytes:
     return orjson.dumps(body | ({"amount": 10} if etype == "payment" else {}) | extra)
 
 
+def records(sa, topic: str) -> list[tuple]:
+    """(key, value, partition) of every record the agent flushed to ``topic`` (a key of sa.topics)."""
+    name = sa.topics[topic].get_topic_name()
+    return [(k, v, p) for (batch,), _ in sa.outbox.flush.await_args_list for t, k, v, p in batch if t == name]
+
+
 def sent(sa, topic: str) -> list[dict]:
-    return [orjson.loads(c.kwargs["value"]) for c in sa.topics[topic].send.await_args_list]
+    return [orjson.loads(v) for _, v, _ in records(sa, topic)]
 
 
 async def put_all(agent, *values: bytes, key: bytes = b"a", topic: str | None = None):
@@ -101,8 +108,8 @@ async def test_a_message_on_the_wrong_partition_is_forwarded_to_its_users_partit
         await agent.put(ev(1, "u"), key=b"not-the-user", partition=0, timestamp=T0)
         assert list(agent.results.values()) == [("repartitioned", "click")]
         assert sa.users.get("u") is None  # not applied on the wrong partition
-    (call,) = sa.topics["input:clicks"].send.await_args_list
-    assert call.kwargs == {"key": b"u", "value": ev(1, "u"), "partition": 3}
+    (batch,) = [b for (b,), _ in sa.outbox.flush.await_args_list]
+    assert batch == [("clicks", b"u", ev(1, "u"), 3)]  # nothing else: no state written, no decision
     assert sa.metrics.repartitioned._value.get() == 1
 
 

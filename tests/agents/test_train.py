@@ -18,9 +18,9 @@ T0 = 1_700_000_000
 
 @pytest.fixture
 def sa(tmp_path):
-    sa = create_app(Settings(app_id="train-test", datadir=str(tmp_path), model_publish_interval_ms=1000))
-    for topic in sa.topics.values():
-        topic.send = AsyncMock()
+    sa = create_app(Settings(app_id="train-test", datadir=str(tmp_path), model_publish_interval_ms=1000,
+                             processing_guarantee="at_least_once"))  # fmt: skip
+    sa.outbox.flush = AsyncMock()
     return sa
 
 
@@ -42,7 +42,10 @@ async def test_labels_train_persist_and_publish_new_versions(sa):
         assert list(agent.results.values())[-1] is None
         state = sa.trainer_state["propensity:cart_abandonment"]
     published = [
-        (c.kwargs["key"], orjson.loads(c.kwargs["value"])) for c in sa.topics["model_params"].send.await_args_list
+        (k, orjson.loads(v))
+        for (batch,), _ in sa.outbox.flush.await_args_list
+        for t, k, v, _ in batch
+        if t == sa.settings.model_params_topic
     ]
     versions = [p["version"] for k, p in published if k == b"propensity:cart_abandonment"]
     assert versions == [1, 2]  # at T0 and once more after 1 s of record time; never per label

@@ -1,0 +1,69 @@
+"""Exactly-once on the real broker: a worker killed (SIGKILL) mid-stream and restarted.
+
+An independent read_committed consumer must find every push decision exactly once, every audit record
+once, and every user's state applied once, whatever the crash interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+
+import orjson
+
+from stream_app.kafka_io import create_topics, group_lag, latest_by_key, produce, read_to_end
+from tests.integration.conftest import running_worker, wait_until
+from tests.integration.test_profiles_on_kafka import metric
+from tests.integration.test_scenario import CAMPAIGNS, offset_for_local_hour
+
+USERS, CLICKS = 150, 5
+
+
+def test_a_killed_worker_pushes_each_decision_once_after_restart(kafka_bootstrap, app_settings, tmp_path):
+    campaigns = tmp_path / "campaigns.yaml"
+    campaigns.write_text(CAMPAIGNS)  # cold start pushes every eligible user once: 3rd click, then cooldown
+    s = app_settings.model_copy(update={"campaigns_file": str(campaigns), "session_timeout_s": 10.0})
+    assert s.processing_guarantee == "exactly_once"
+    env = {**os.environ, **s.to_env()}
+    asyncio.run(create_topics(kafka_bootstrap, s.topic_layout()))
+    tz, now = offset_for_local_hour(12), int(time.time() * 1000)
+    records = [
+        (s.clicks_topic, f"u{u}".encode(), orjson.dumps({"event_id": f"u{u}-{i}", "type": "click", "user_id": f"u{u}",
+                                                         "ts": now + i * 60_000, "tz_offset_min": tz}))
+        for i in range(CLICKS) for u in range(USERS)
+    ]  # fmt: skip
+    asyncio.run(produce(kafka_bootstrap, records))
+    port, log = str(s.web_port), tmp_path / "worker.log"
+
+    def pushes() -> list[dict]:
+        return [orjson.loads(v) for _, v in asyncio.run(read_to_end(kafka_bootstrap, s.decisions_topic, 30))]
+
+    with running_worker(env, log) as proc:
+        # the first committed transaction makes pushes visible; kill while later ones are still open
+        wait_until(lambda: len(pushes()) > 0, 90, proc, log, "the first committed pushes")
+        processed_before_kill = metric(port, "stream_app_events_consumed_total{")
+        proc.kill()
+        proc.wait()
+    visible_at_kill = len(pushes())
+    print(f"\n[eos] killed after {processed_before_kill:.0f} events processed, {visible_at_kill} pushes committed")
+    assert visible_at_kill < USERS, "the kill should land mid-stream"
+
+    t0 = time.monotonic()
+    with running_worker(env, log) as proc:
+        lag = lambda: asyncio.run(group_lag(kafka_bootstrap, s.app_id, s.input_topics))  # noqa: E731
+        wait_until(lambda: lag() == 0 and len(pushes()) >= USERS, 120, proc, log, "all events after the restart")
+        took = time.monotonic() - t0
+        reprocessed = metric(port, "stream_app_events_consumed_total{", "stream_app_duplicates_dropped_total ")
+    print(f"[eos] restart -> all committed in {took:.1f}s; the new worker handled {reprocessed:.0f} events")
+
+    final = pushes()
+    per_user = collections.Counter(d["user_id"] for d in final)
+    assert len({d["decision_id"] for d in final}) == len(final) == USERS  # each decision exactly once
+    assert set(per_user.values()) == {1}
+    audit = [orjson.loads(v) for _, v in asyncio.run(read_to_end(kafka_bootstrap, s.audit_topic, 30))]
+    assert len({d["decision_id"] for d in audit}) == len(audit) == USERS * (CLICKS - 2)  # clicks 3..5 decide
+    changelog = latest_by_key(asyncio.run(read_to_end(kafka_bootstrap, f"{s.app_id}-users-changelog", 30)))
+    clicks = {orjson.loads(k): orjson.loads(v)["p"]["c"][0] for k, v in changelog.items()}
+    assert clicks == {f"u{u}": CLICKS for u in range(USERS)}  # every state update applied once
