@@ -307,6 +307,14 @@ BAD_INPUTS = [
 ]
 
 
+def test_a_flush_record_validates_and_teaches_the_trainer_nothing():
+    flush = loads(b'{"kind": "flush"}')  # the bytes the app's flush_models timer sends
+    assert_valid(MODEL_INPUT, flush)
+    trainer = Trainer(CAMPAIGNS)
+    assert trainer.learn(flush) is None and not trainer.dirty
+    assert not MODEL_INPUT.is_valid(flush | {"features": SAMPLE["features"]})
+
+
 def test_the_model_input_schema_rejects_wrong_records():
     assert_valid(MODEL_INPUT, LABEL)
     assert_valid(MODEL_INPUT, SAMPLE)
