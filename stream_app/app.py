@@ -264,7 +264,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
 
     def consent_step(batch: list[Record], e: Any) -> tuple[str, str]:
         try:
-            user_id, action = parse_consent(e.value)
+            user_id, action = parse_consent(e.value, limits)
         except InvalidEvent as bad:
             return reject(batch, e, bad)
         home = partition_for(user_id, nparts)

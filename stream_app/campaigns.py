@@ -95,7 +95,7 @@ class CampaignConfig(_Strict):
     cold_start_share: float = Field(0.3, ge=0, le=1)
     lapse_after: Duration = 7 * 86400
     prior: float = Field(0.02, gt=0, lt=1)
-    min_labels: int = Field(200, ge=0)
+    min_labels: int = Field(200, ge=1)
 
     @field_validator("triggers")
     @classmethod

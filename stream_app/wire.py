@@ -10,7 +10,7 @@ import base64
 
 import orjson
 
-from stream_app.core.events import InvalidEvent
+from stream_app.core.events import EventLimits, InvalidEvent
 from stream_app.core.pipeline import Label
 from stream_app.core.policy import Decision
 
@@ -84,12 +84,19 @@ def sample_record(features: tuple[float, ...]) -> bytes:
 CONSENT_ACTIONS = ("opt_in", "opt_out", "erase")
 
 
-def parse_consent(raw: bytes) -> tuple[str, str]:
+DEFAULT_LIMITS = EventLimits()
+
+
+def parse_consent(raw: bytes, limits: EventLimits = DEFAULT_LIMITS) -> tuple[str, str]:
     """``{"user_id": ..., "action": "opt_in" | "opt_out" | "erase"}`` -> (user_id, action).
+
+    The same limits and error codes as input events (size, user id length, missing vs wrong type).
 
     >>> parse_consent(b'{"user_id": "u1", "action": "erase"}')
     ('u1', 'erase')
     """
+    if len(raw) > limits.max_bytes:
+        raise InvalidEvent("oversize", f"payload is {len(raw)} bytes, limit is {limits.max_bytes}")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -97,8 +104,10 @@ def parse_consent(raw: bytes) -> tuple[str, str]:
     if not isinstance(obj, dict):
         raise InvalidEvent("not_an_object", "expected a JSON object")
     user, action = obj.get("user_id"), obj.get("action")
-    if not isinstance(user, str) or not user:
-        raise InvalidEvent("missing_field", "consent needs a non-empty string user_id")
+    if user is None or action is None:
+        raise InvalidEvent("missing_field", "consent needs user_id and action")
+    if not isinstance(user, str) or not user or len(user) > limits.max_id_chars:
+        raise InvalidEvent("wrong_type", f"user_id must be a non-empty string of at most {limits.max_id_chars} chars")
     if action not in CONSENT_ACTIONS:
         raise InvalidEvent("unknown_type", f"consent action must be one of {', '.join(CONSENT_ACTIONS)}")
     return user, action

@@ -244,8 +244,8 @@ def _decide(state: UserState, campaigns: list[Campaign], features: list[float], 
             state.pending.append(Pending(d.decision_id, d.campaign, d.action, start, start + windows[d.campaign],
                                          d.features, d.model_version, d.probability, d.segment))  # fmt: skip
     while len(state.pending) > config.max_pending:
-        oldest = state.pending.pop(0)
-        out.labels.append(_label(oldest, False, now))
+        oldest = state.pending.pop(0)  # closed early as negative; a held push may not have been sent yet
+        out.labels.append(_label(oldest, False, max(now, oldest.decided_at_ms)))
 
 
 def _close_windows(state: UserState, now: int, out: Outputs, event: Event | None) -> None:

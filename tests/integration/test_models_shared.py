@@ -59,11 +59,18 @@ def test_labels_from_any_partition_update_the_model_on_every_worker(kafka_bootst
         ]  # fmt: skip
         t_labels = time.monotonic()
         asyncio.run(produce(kafka_bootstrap, payments))
+        labelled = lambda: sum(metric(str(p), "stream_app_labels_total{") for p in ports)  # noqa: E731
+        wait_until(lambda: labelled() >= len(payments), 60, a, logs[0], "every conversion labelled")
+        joined = time.monotonic() - t_labels
+        published = f'stream_app_models_published_total{{model="propensity:{CAMPAIGN}"}}'
+        wait_until(lambda: sum(max(metric(str(p), published), 0) for p in ports) >= 1, 60, a, logs[0], "publication")
+        trained = time.monotonic() - t_labels
         for proc, port, log in ((a, ports[0], logs[0]), (b, ports[1], logs[1])):
             wait_until(lambda port=port: metric(str(port), version) >= 1, 60, proc, log, "the new model version")
         propagation = time.monotonic() - t_labels
         labels = [metric(str(p), "stream_app_labels_total{") for p in ports]
         versions = [metric(str(p), version) for p in ports]
+    print(f"\n[models] labels joined after {joined:.1f}s, first publication after {trained:.1f}s")
     print(f"\n[models] {len(pushed)} pushes, {len(payments)} conversions; labels per worker {labels}; "
           f"model versions {versions}; payment -> new version on both workers in {propagation:.1f}s")  # fmt: skip
     assert sum(labels) == len(payments)
