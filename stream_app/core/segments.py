@@ -68,7 +68,8 @@ class SegmentModel:
             d = xi - self.mean[i]
             self.mean[i] += d / self.n
             self.m2[i] += d * (xi - self.mean[i])
-        self.buffer.append(v)
+        if len(self.buffer) < 2 * self.warmup:  # bounded even if fewer than k distinct points ever arrive
+            self.buffer.append(v)
 
     def _seed(self) -> None:
         """k-means++ on the warm-up buffer (seeded), then a few Lloyd passes; the scaler is fixed from here
@@ -100,11 +101,14 @@ class SegmentModel:
         self.buffer = []
 
     # -- parameters ----------------------------------------------------------------------------
-    def to_params(self) -> dict[str, Any]:
+    def to_params(self, with_buffer: bool = True) -> dict[str, Any]:
+        """Explicit parameters. Scoring workers need no warm-up buffer (up to 2 x warmup raw vectors,
+        ~180 KB): published versions leave it out, the trainer's learning state keeps it."""
         return {
             "k": self.k, "dims": list(self.dims), "min_rate": self.min_rate, "warmup": self.warmup,
             "seed": self.seed, "version": self.version, "n": self.n, "mean": self.mean, "m2": self.m2,
-            "centroids": self.centroids, "counts": self.counts, "buffer": self.buffer,
+            "centroids": self.centroids, "counts": self.counts,
+            "buffer": self.buffer if with_buffer else [],
         }  # fmt: skip
 
     @classmethod

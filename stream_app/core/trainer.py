@@ -124,7 +124,7 @@ class Trainer:
         for key in sorted(self.dirty):
             if key == SEGMENTS_KEY:
                 self.segments.version += 1
-                out[key] = self.segments.to_params()
+                out[key] = self.segments.to_params(with_buffer=False)
             else:
                 learner = self.learners[key.split(":", 1)[1]]
                 learner.version += 1
