@@ -22,17 +22,15 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
 from stream_app.campaigns import load_campaigns
-from stream_app.core.events import EventLimits, InvalidEvent, parse_event
-from stream_app.core.pipeline import Config, Models, Outputs, UserState, advance, next_due_ms, process, set_consent
-from stream_app.core.policy import suppression_code, uniform
+from stream_app.core.pipeline import Config, Models
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel, drift
-from stream_app.core.timers import Timers, partition_for
+from stream_app.core.timers import Timers
 from stream_app.core.trainer import SEGMENTS_KEY, Trainer
+from stream_app.engine import Engine, Message, Record
 from stream_app.kafka_io import partitions_of
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
-from stream_app.wire import dead_letter, decision_record, label_record, parse_consent, sample_record
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +86,7 @@ class StreamApp:
     topics: dict[str, Any]
     timers: Timers
     outbox: Outbox
-
-
-Record = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value, partition
+    engine: Engine
 
 
 @dataclass
@@ -144,6 +140,9 @@ class StateTable:
 
     def get(self, key: str) -> Any:
         return self.table.get(key)
+
+    def items(self) -> Any:
+        return self.table.items()
 
     def put(self, batch: list[Record], key: str, value: dict | None, partition: int) -> None:
         store = self.table.data
@@ -209,162 +208,46 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     trainer_state = app.Table("trainer_state", default=None, partitions=1)
     trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
     ownership = {"fresh": False}  # the trainer's in-memory state matches its table only while it owns it
-    timers = Timers()
-    index = {"fresh": False}  # the timer index matches the users table only until the next rebalance
-    nparts = settings.topic_partitions
-    size = {"mean": 0.0, "n": 0}  # sampled mean bytes of a user's state
-    limits = EventLimits(
-        max_bytes=settings.max_event_bytes,
-        max_future_ms=settings.max_future_skew_s * 1000,
-        max_past_ms=settings.max_past_skew_s * 1000,
-    )
-    m = metrics
     outbox = Outbox(app)
-    user_state, learning_state = StateTable(users), StateTable(trainer_state)
-    sample_rate = settings.segment_sample_rate
-    name_of = {k: t.get_topic_name() for k, t in topics.items() if k != "events"}
-    by_type = dict(zip(("click", "like", "payment"), settings.input_topics, strict=True))
+    learning_state = StateTable(trainer_state)
+    engine = Engine(settings, config, StateTable(users), models, metrics)
+    m = metrics
 
-    def reject(batch: list[Record], e: Any, bad: InvalidEvent) -> tuple[str, str]:
+    def message(e: Any) -> Message:
         msg = e.message
-        value = dead_letter(e.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason)
-        batch.append((name_of["dead_letters"], e.key, value, None))
-        m.events_rejected[bad.code].inc()
-        log.warning("dead-lettered %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, bad.code)
-        return ("dead_letter", bad.code)
-
-    def collect(batch: list[Record], out: Outputs, event_id: str, event_ms: int | None = None) -> None:
-        """Queue a step's outputs: every decision to the audit, pushes to push services, model inputs."""
-        for d in out.decisions:
-            record = decision_record(d)
-            key = d.user_id.encode()
-            batch.append((name_of["audit"], key, record, None))
-            if d.action == "push":
-                batch.append((name_of["decisions"], key, record, None))
-            m.decisions[(d.campaign, d.action)].inc()
-            if (code := suppression_code(d)) is not None:
-                m.suppressions[(d.campaign, code)].inc()
-        if event_ms is not None and out.decisions:
-            m.event_to_decision_seconds.observe(max(0.0, time.time() - event_ms / 1000))
-        for name in out.ineligible:
-            m.ineligible[(name,)].inc()
-        for label in out.labels:
-            batch.append((name_of["model_inputs"], label.campaign.encode(), label_record(label), None))
-            m.labels[(label.campaign, label.converted)].inc()
-        if out.segment_sample is not None and uniform("segment_sample", event_id) < sample_rate:
-            batch.append((name_of["model_inputs"], b"segments", sample_record(out.segment_sample), None))
+        return Message(msg.topic, msg.partition, msg.offset, e.key, e.value, int(msg.timestamp * 1000))
 
     async def apply_consent(stream: Any) -> Any:
-        """Opt-out, opt-in and erase commands. Opt-out wins at once; erase keeps only a suppression marker."""
+        """Consent commands (opt-out, opt-in, erase), through the engine."""
         async for e in stream.events():
             batch: list[Record] = []
-            result = consent_step(batch, e)
+            result = engine.on_consent(batch, message(e))
             await outbox.flush(batch)
             yield result
-
-    def consent_step(batch: list[Record], e: Any) -> tuple[str, str]:
-        try:
-            user_id, action = parse_consent(e.value, limits)
-        except InvalidEvent as bad:
-            return reject(batch, e, bad)
-        home = partition_for(user_id, nparts)
-        if e.message.partition != home:  # consent must land where the user's state lives
-            batch.append((name_of["consent"], user_id.encode(), e.value, home))
-            m.repartitioned.inc()
-            return ("repartitioned", action)
-        stored = user_state.get(user_id)
-        if action == "erase":
-            user_state.put(batch, user_id, {"erased": True}, home)  # no personal data; stays suppressed
-        elif stored is None or not stored.get("erased"):
-            state = set_consent(UserState.from_dict(stored) if stored else None, opted_out=action == "opt_out")
-            if state is not None:
-                user_state.put(batch, user_id, state.to_dict(), home)
-        m.consent[action].inc()
-        return ("consent", action)
-
-    def rebuild_timers() -> None:
-        """After a rebalance: schedule every user this worker holds (partitions are recovered by now)."""
-        timers.clear()
-        for user_id, stored in users.items():
-            if stored is not None and not stored.get("erased"):
-                due = next_due_ms(UserState.from_dict(stored), config)
-                timers.schedule(partition_for(user_id, nparts), user_id, due)
-        index["fresh"] = True
-        log.info("timer index rebuilt: %d users scheduled", len(timers))
-
-    def store(batch: list[Record], user_id: str, state: UserState | None, partition: int) -> None:
-        if state is None:
-            user_state.put(batch, user_id, None, partition)  # expired: a tombstone in the changelog
-            return
-        d = state.to_dict()
-        user_state.put(batch, user_id, d, partition)
-        timers.schedule(partition, user_id, next_due_ms(state, config))
-        if uniform("size_sample", user_id) < 0.01:  # estimate bytes per user without serializing twice
-            size["n"] += 1
-            size["mean"] += (len(orjson.dumps(d)) - size["mean"]) / min(size["n"], 1000)
-
-    def fire_timers(batch: list[Record], partition: int, event_ms: int) -> None:
-        """Tick every user of this partition whose timer the partition's event-time watermark passed."""
-        watermark = timers.advance(partition, event_ms)
-        for user_id in timers.pop_due(partition):
-            stored = user_state.get(user_id)
-            if stored is None or stored.get("erased"):
-                continue
-            new, out = advance(UserState.from_dict(stored), user_id, watermark, models.current, config)
-            store(batch, user_id, new, partition)
-            collect(batch, out, user_id)
-            m.timers_fired.inc()
-
-    def event_step(batch: list[Record], e: Any) -> tuple[str, str]:
-        """One input message: validate, repartition, fire due timers, apply the event. Effects go to batch."""
-        msg = e.message
-        try:
-            event = parse_event(e.value, limits, ref_ms=int(msg.timestamp * 1000))
-        except InvalidEvent as bad:
-            return reject(batch, e, bad)
-        home = partition_for(event.user_id, nparts)
-        if msg.partition != home:  # keyed otherwise: move it to its user's partition, process it there
-            topic = msg.topic if msg.topic in settings.input_topics else by_type[event.type]
-            batch.append((topic, event.user_id.encode(), e.value, home))
-            m.repartitioned.inc()
-            return ("repartitioned", event.type)
-        if not index["fresh"]:
-            rebuild_timers()
-        fire_timers(batch, home, event.ts_ms)
-        stored = user_state.get(event.user_id)
-        if stored is not None and stored.get("erased"):
-            m.suppressed_erased.inc()
-            return ("erased", event.type)
-        state = UserState.from_dict(stored) if stored else None
-        new, out = process(state, event, models.current, config)
-        if out.duplicate:
-            m.duplicates_dropped.inc()
-            return ("duplicate", event.type)
-        store(batch, event.user_id, new, home)
-        collect(batch, out, event.event_id, event.ts_ms)
-        m.events_consumed[event.type].inc()
-        return ("applied", event.type)
 
     async def process_events(stream: Any) -> Any:
         """Events -> user state -> decisions, labels. Yields each message's outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
             batch: list[Record] = []
-            result = event_step(batch, e)
+            result = engine.on_event(batch, message(e))
             await outbox.flush(batch)
             if result[0] == "applied":
                 m.processing_seconds.observe(time.perf_counter() - t0)
+            elif result[0] == "dead_letter":
+                log.warning("dead-lettered %s[%s]@%s: %s", e.message.topic, e.message.partition, e.message.offset,
+                            result[1])  # fmt: skip
             yield result
 
     @app.timer(5.0)
     async def observe_state() -> None:
         m.state_users.set(len(users))
-        m.state_bytes.set(len(users) * size["mean"])
-        m.timers_pending.set(len(timers))
+        m.state_bytes.set(len(users) * engine.size_mean)
+        m.timers_pending.set(len(engine.timers))
 
     def on_revoked(*_: Any, **__: Any) -> None:
         ownership["fresh"] = False
-        index["fresh"] = False
+        engine.index_fresh = False
 
     app.on_partitions_revoked.connect(on_revoked)
 
@@ -393,7 +276,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                     learning_state.put(batch, key, trainer.state(key), 0)
             for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
                 learning_state.put(batch, name, params, 0)
-                batch.append((name_of["model_params"], name.encode(), orjson.dumps(params), None))
+                batch.append((settings.model_params_topic, name.encode(), orjson.dumps(params), None))
                 m.models_published[(name,)].inc()
             await outbox.flush(batch)
             observe_quality()
@@ -459,5 +342,5 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     train_agent = app.agent(topics["model_inputs"], name="train")(train)
     return StreamApp(
         app, settings, metrics, config, models, users, events_agent, consent_agent, train_agent, trainer,
-        trainer_state, topics, timers, outbox,
+        trainer_state, topics, engine.timers, outbox, engine,
     )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 import time
 
 import orjson
@@ -34,21 +35,34 @@ def test_a_killed_worker_pushes_each_decision_once_after_restart(kafka_bootstrap
                                                          "ts": now + i * 60_000, "tz_offset_min": tz}))
         for i in range(CLICKS) for u in range(USERS)
     ]  # fmt: skip
-    asyncio.run(produce(kafka_bootstrap, records))
     port, log = str(s.web_port), tmp_path / "worker.log"
+    produced = {"n": 0}
+
+    def produce_paced() -> None:
+        """The stream keeps flowing while the worker is killed: 25 chunks, 0.25 s apart."""
+        step = len(records) // 25
+        for i in range(0, len(records), step):
+            asyncio.run(produce(kafka_bootstrap, records[i : i + step]))
+            produced["n"] = i + len(records[i : i + step])
+            time.sleep(0.25)
 
     def pushes() -> list[dict]:
         return [orjson.loads(v) for _, v in asyncio.run(read_to_end(kafka_bootstrap, s.decisions_topic, 30))]
 
+    producer = threading.Thread(target=produce_paced)
     with running_worker(env, log) as proc:
-        # the first committed transaction makes pushes visible; kill while later ones are still open
+        wait_until(lambda: metric(port, "stream_app_events_consumed_total{") >= 0, 90, proc, log, "the web server")
+        producer.start()
+        # the first committed transaction makes pushes visible; kill while the stream is still flowing
         wait_until(lambda: len(pushes()) > 0, 90, proc, log, "the first committed pushes")
-        processed_before_kill = metric(port, "stream_app_events_consumed_total{")
+        processed_before_kill, produced_at_kill = metric(port, "stream_app_events_consumed_total{"), produced["n"]
         proc.kill()
         proc.wait()
     visible_at_kill = len(pushes())
-    print(f"\n[eos] killed after {processed_before_kill:.0f} events processed, {visible_at_kill} pushes committed")
-    assert visible_at_kill < USERS, "the kill should land mid-stream"
+    print(f"\n[eos] killed after {processed_before_kill:.0f} events processed, {produced_at_kill} produced, "
+          f"{visible_at_kill} pushes committed")  # fmt: skip
+    assert produced_at_kill < len(records), "the kill should land mid-stream"
+    producer.join()
 
     t0 = time.monotonic()
     with running_worker(env, log) as proc:
