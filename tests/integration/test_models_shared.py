@@ -24,7 +24,11 @@ def midday_offset_min() -> int:
 
 
 def test_labels_from_any_partition_update_the_model_on_every_worker(kafka_bootstrap, app_settings, tmp_path):
-    s = app_settings.model_copy(update={"model_publish_interval_ms": 500})
+    # at_least_once: this test is about model sharing. Under exactly_once, Faust 0.15's table recovery after
+    # a rebalance waits two 5 s read timeouts for the trailing transaction marker of each changelog partition
+    # (tables/recovery.py, detect_aborted_tx): a joining worker's first events waited ~10 s in 3 of 3 runs
+    # and recovery hung > 60 s once in CI. Exactly-once itself is proven by test_exactly_once.py.
+    s = app_settings.model_copy(update={"model_publish_interval_ms": 500, "processing_guarantee": "at_least_once"})
     asyncio.run(create_topics(kafka_bootstrap, s.topic_layout()))
     ports = [free_port(), free_port()]
     envs = [{**os.environ, **s.model_copy(update={"web_port": p, "datadir": str(tmp_path / f"w{p}")}).to_env()}
