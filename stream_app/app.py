@@ -23,35 +23,15 @@ from prometheus_client import CollectorRegistry
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.pipeline import Config, Models
-from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel, drift
 from stream_app.core.timers import Timers
 from stream_app.core.trainer import SEGMENTS_KEY, Trainer
-from stream_app.engine import Engine, Message, Record
+from stream_app.engine import Engine, Message, ModelStore, Record
 from stream_app.kafka_io import partitions_of
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelStore:
-    """The models this worker scores with; replaced whole (copy on write) when a new version arrives."""
-
-    current: Models
-
-    def apply(self, key: str, params: dict) -> None:
-        """Install one published model version (older or equal versions are ignored)."""
-        cur = self.current
-        if key == SEGMENTS_KEY:
-            if params["version"] > cur.segments.version:
-                self.current = Models(SegmentModel.from_params(params), cur.scorers)
-        elif key.startswith("propensity:"):
-            old = cur.scorers.get(params["campaign"])
-            if old is None or params["version"] > old.version:
-                scorer = PropensityScorer.from_params(params)
-                self.current = Models(cur.segments, {**cur.scorers, params["campaign"]: scorer})
 
 
 def client_kwargs(settings: Settings) -> dict:

@@ -234,5 +234,32 @@ def _wait_for(cond, timeout: float, proc: subprocess.Popen, log: Path, what: str
     raise click.ClickException(f"timed out after {timeout}s waiting for {what} (log: {log})")
 
 
+@main.command("replay")
+@click.argument("events", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="directory for decisions.jsonl, audit.jsonl, dead-letters.jsonl, model-inputs.jsonl, ...",
+)
+def replay_cmd(events: Path, out_dir: Path) -> None:
+    """Run the agents' engine over a JSON-lines file of events (.jsonl or .jsonl.gz), without Kafka.
+
+    Campaigns and every other setting come from the same STREAM_APP_* variables as the worker; the same
+    input and settings give byte-identical output files.
+    """
+    from stream_app.replay import read_lines, replay
+
+    try:
+        result = replay(read_lines(events), _settings())
+    except ValueError as e:  # a bad campaign file: the located message, no traceback
+        raise click.ClickException(str(e)) from None
+    paths = result.write(out_dir)
+    for name, path in paths.items():
+        click.echo(f"{len(result.records[name]):>9} {name:<13} -> {path}")
+    click.echo(f"outcomes: {dict(sorted(result.counts.items()))}; users held: {len(result.users)}")
+
+
 if __name__ == "__main__":
     main()

@@ -17,7 +17,10 @@ import orjson
 from stream_app.core.events import EventLimits, InvalidEvent, parse_event
 from stream_app.core.pipeline import Config, Models, Outputs, UserState, advance, next_due_ms, process, set_consent
 from stream_app.core.policy import suppression_code, uniform
+from stream_app.core.propensity import PropensityScorer
+from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers, partition_for
+from stream_app.core.trainer import SEGMENTS_KEY
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 from stream_app.wire import dead_letter, decision_record, label_record, parse_consent, sample_record
@@ -44,11 +47,30 @@ class Message:
 
 
 @dataclass
+class ModelStore:
+    """The models this worker scores with; replaced whole (copy on write) when a new version arrives."""
+
+    current: Models
+
+    def apply(self, key: str, params: dict) -> None:
+        """Install one published model version (older or equal versions are ignored)."""
+        cur = self.current
+        if key == SEGMENTS_KEY:
+            if params["version"] > cur.segments.version:
+                self.current = Models(SegmentModel.from_params(params), cur.scorers)
+        elif key.startswith("propensity:"):
+            old = cur.scorers.get(params["campaign"])
+            if old is None or params["version"] > old.version:
+                scorer = PropensityScorer.from_params(params)
+                self.current = Models(cur.segments, {**cur.scorers, params["campaign"]: scorer})
+
+
+@dataclass
 class Engine:
     settings: Settings
     config: Config
     users: UserStore
-    models: Any  # has .current: Models (replaced whole when a new version arrives)
+    models: ModelStore
     metrics: Metrics
     timers: Timers = field(default_factory=Timers)
     index_fresh: bool = False  # the timer index matches the store only until the next rebalance
@@ -176,4 +198,4 @@ class Engine:
             self.metrics.timers_fired.inc()
 
 
-__all__ = ["Engine", "Message", "Models", "Record", "UserStore"]
+__all__ = ["Engine", "Message", "ModelStore", "Models", "Record", "UserStore"]
