@@ -107,32 +107,82 @@ class Outbox:
                 await transactional.send(topic, value=value, key=key, partition=partition)
 
 
-class StateTable:
-    """A Faust table whose changelog records are written by the Outbox, in the event's transaction.
+class ChangelogStore:
+    """Keyed state in memory, written to a compacted changelog topic by the Outbox, recovered by this class.
 
-    Reads and recovery are Faust's (the changelog topic, key and value formats are unchanged); only the
-    write path differs: the in-memory store is updated directly and the changelog record is queued.
+    Why not a Faust table: under exactly_once, Faust 0.15's table recovery cannot see the commit marker
+    that ends a transactional changelog partition; it waits two 5 s read timeouts per rebalance, and in CI
+    a restarted worker never finished recovering (> 120 s). Here a partition is loaded before the first
+    message of that partition is processed: a plain read_committed consumer reads it from the beginning to
+    its last stable offset (which, unlike the highwater, the reader can always reach once Faust's new
+    transactional producers have fenced a crashed worker's open transactions). Keys and values are JSON,
+    as Faust would write them, so the topic stays readable by any tool.
     """
 
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self.topic = table.changelog_topic.get_topic_name()
+    def __init__(self, settings: Settings, topic: str, recover: bool = True) -> None:
+        self.settings, self.topic, self.recover = settings, topic, recover
+        self.data: dict[str, Any] = {}
+        self.partition_of: dict[str, int] = {}
+        self.loaded: set[int] = set()
 
     def get(self, key: str) -> Any:
-        return self.table.get(key)
+        return self.data.get(key)
 
     def items(self) -> Any:
-        return self.table.items()
+        return self.data.items()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
 
     def put(self, batch: list[Record], key: str, value: dict | None, partition: int) -> None:
-        store = self.table.data
         if value is None:
-            store.pop(key, None)
+            self.data.pop(key, None)
+            self.partition_of.pop(key, None)
         else:
-            store[key] = value
-        if hasattr(store, "_key_partition"):  # the memory store drops keys of partitions it loses by this
-            store._key_partition[key] = partition
+            self.data[key] = value
+            self.partition_of[key] = partition
         batch.append((self.topic, orjson.dumps(key), None if value is None else orjson.dumps(value), partition))
+
+    def forget(self) -> None:
+        """After a revocation: whatever this worker owns next is loaded again from the changelog."""
+        self.data.clear()
+        self.partition_of.clear()
+        self.loaded.clear()
+
+    async def ensure(self, partitions: set[int]) -> float:
+        """Load the partitions not loaded yet; returns the seconds it took (0 if nothing to load)."""
+        todo = sorted(set(partitions) - self.loaded)
+        if not todo or not self.recover:
+            self.loaded |= set(todo)
+            return 0.0
+        t0 = time.monotonic()
+        consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False, group_id=None,
+                                    isolation_level="read_committed", max_partition_fetch_bytes=4 << 20)  # fmt: skip
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in todo]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)  # read_committed: the last stable offset
+            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                for tp, msgs in (await consumer.getmany(timeout_ms=200, max_records=10_000)).items():
+                    for msg in msgs:
+                        key = orjson.loads(msg.key)
+                        if msg.value is None:
+                            self.data.pop(key, None)
+                            self.partition_of.pop(key, None)
+                        else:
+                            self.data[key] = orjson.loads(msg.value)
+                            self.partition_of[key] = tp.partition
+        finally:
+            await consumer.stop()
+        self.loaded |= set(todo)
+        took = time.monotonic() - t0
+        log.info("state %s partitions %s recovered: %d keys in %.2fs", self.topic, todo, len(self.data), took)
+        return took
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
@@ -148,7 +198,10 @@ def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
     )
 
 
-def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> StreamApp:
+def create_app(
+    settings: Settings | None = None, registry: CollectorRegistry | None = None, recover: bool = True
+) -> StreamApp:
+    """The Faust app and its agents. ``recover=False`` skips loading state from Kafka (agent unit tests)."""
     settings = settings or Settings()
     campaigns, guardrails = load_campaigns(settings.campaigns_file or None)
     config = Config(campaigns=campaigns, guardrails=guardrails)
@@ -184,13 +237,21 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         "model_inputs": app.topic(settings.model_inputs_topic, partitions=1, key_type=bytes, value_type=bytes, **raw),
         "model_params": app.topic(settings.model_params_topic, partitions=1, **raw),
     }
-    users = app.Table("users", default=None, partitions=settings.topic_partitions)
-    trainer_state = app.Table("trainer_state", default=None, partitions=1)
+    users = ChangelogStore(settings, settings.users_changelog_topic, recover)
+    trainer_state = ChangelogStore(settings, settings.trainer_changelog_topic, recover)
     trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
     ownership = {"fresh": False}  # the trainer's in-memory state matches its table only while it owns it
     outbox = Outbox(app)
-    learning_state = StateTable(trainer_state)
-    engine = Engine(settings, config, StateTable(users), models, metrics)
+    engine = Engine(settings, config, users, models, metrics)
+    user_topics = {*settings.input_topics, settings.consent_topic}
+
+    async def ensure_users() -> None:
+        """Before a message: every user-keyed partition this worker owns is loaded (all at once, so the
+        timer index rebuilt next sees every user)."""
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic in user_topics}
+        if owned - users.loaded:
+            m.state_recovery_seconds.observe(await users.ensure(owned))
+
     m = metrics
 
     def message(e: Any) -> Message:
@@ -200,6 +261,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     async def apply_consent(stream: Any) -> Any:
         """Consent commands (opt-out, opt-in, erase), through the engine."""
         async for e in stream.events():
+            await ensure_users()
             batch: list[Record] = []
             result = engine.on_consent(batch, message(e))
             await outbox.flush(batch)
@@ -209,6 +271,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         """Events -> user state -> decisions, labels. Yields each message's outcome."""
         async for e in stream.events():
             t0 = time.perf_counter()
+            await ensure_users()
             batch: list[Record] = []
             result = engine.on_event(batch, message(e))
             await outbox.flush(batch)
@@ -228,6 +291,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     def on_revoked(*_: Any, **__: Any) -> None:
         ownership["fresh"] = False
         engine.index_fresh = False
+        users.forget()
+        trainer_state.forget()
 
     app.on_partitions_revoked.connect(on_revoked)
 
@@ -236,6 +301,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         segment_writes = 0
         async for e in stream.events():
             if not ownership["fresh"]:  # (re)gained the partition: continue from the persisted state
+                await trainer_state.ensure({0})
                 for key, params in list(trainer_state.items()):
                     trainer.restore(key, params)
                 ownership["fresh"] = True
@@ -249,13 +315,13 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 continue
             batch: list[Record] = []
             if key is not None and key != SEGMENTS_KEY:
-                learning_state.put(batch, key, trainer.state(key), 0)  # a label is rare: persist every one
+                trainer_state.put(batch, key, trainer.state(key), 0)  # a label is rare: persist every one
             elif key == SEGMENTS_KEY:
                 segment_writes += 1
                 if segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
-                    learning_state.put(batch, key, trainer.state(key), 0)
+                    trainer_state.put(batch, key, trainer.state(key), 0)
             for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
-                learning_state.put(batch, name, params, 0)
+                trainer_state.put(batch, name, params, 0)
                 batch.append((settings.model_params_topic, name.encode(), orjson.dumps(params), None))
                 m.models_published[(name,)].inc()
             await outbox.flush(batch)

@@ -86,9 +86,18 @@ def worker(loglevel: str) -> None:
     """Run one Faust worker (blocks; SIGTERM/SIGINT stop it cleanly)."""
     import faust
 
-    from stream_app.app import create_app
+    from stream_app.app import client_kwargs, create_app
+    from stream_app.kafka_io import create_topics
 
-    sa = create_app(_settings())
+    s = _settings()
+    try:
+        sa = create_app(s)
+    except ValueError as e:  # a bad campaign file: the located message, no traceback
+        raise click.ClickException(str(e)) from None
+    # the app's own state topics (compacted, co-partitioned) must exist before the first write
+    internal = {t: s.topic_layout()[t] for t in (s.users_changelog_topic, s.trainer_changelog_topic)}
+    kw = client_kwargs(s)
+    asyncio.run(create_topics(kw.pop("bootstrap_servers"), internal, s.topic_replication, **kw))
     faust.Worker(sa.app, loglevel=loglevel).execute_from_commandline()
 
 

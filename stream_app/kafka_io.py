@@ -16,10 +16,10 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 
 async def create_topics(
-    bootstrap: str, layout: dict[str, tuple[int, dict[str, str]]], replication: int = 1
+    bootstrap: str, layout: dict[str, tuple[int, dict[str, str]]], replication: int = 1, **client_kw: Any
 ) -> list[str]:
     """Create missing topics from ``{name: (partitions, configs)}``; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kw)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

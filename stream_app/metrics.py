@@ -48,6 +48,7 @@ class Metrics:
     event_to_decision_seconds: Histogram
     state_users: Gauge
     state_bytes: Gauge
+    state_recovery_seconds: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -121,8 +122,13 @@ class Metrics:
             "stream_app_state_bytes", "Estimated bytes of user state: users x sampled mean JSON size.",
             registry=registry,
         )  # fmt: skip
+        recovery = Histogram(
+            "stream_app_state_recovery_seconds", "Time to load owned state partitions from their changelog.",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=registry,
+        )  # fmt: skip
         return cls(
             registry=registry,
+            state_recovery_seconds=recovery,
             suppressions=_Children(suppressions, ("campaign", "reason")),
             repartitioned=repartitioned,
             timers_fired=fired,

@@ -98,7 +98,18 @@ class Settings(BaseSettings):
         layout: dict[str, tuple[int, dict[str, str]]] = {t: (self.topic_partitions, {}) for t in user_keyed}
         layout[self.model_inputs_topic] = (1, {})
         layout[self.model_params_topic] = (1, {"cleanup.policy": "compact"})
+        layout[self.users_changelog_topic] = (self.topic_partitions, {"cleanup.policy": "compact"})
+        layout[self.trainer_changelog_topic] = (1, {"cleanup.policy": "compact"})
         return layout
+
+    @property
+    def users_changelog_topic(self) -> str:
+        """Per-user state (compacted, co-partitioned with the inputs); the name Faust tables would use."""
+        return f"{self.app_id}-users-changelog"
+
+    @property
+    def trainer_changelog_topic(self) -> str:
+        return f"{self.app_id}-trainer_state-changelog"
 
     @property
     def bootstrap_servers(self) -> str:

@@ -19,7 +19,7 @@ T0 = 1_700_000_000
 @pytest.fixture
 def sa(tmp_path):
     sa = create_app(Settings(app_id="train-test", datadir=str(tmp_path), model_publish_interval_ms=1000,
-                             processing_guarantee="at_least_once"))  # fmt: skip
+                             processing_guarantee="at_least_once"), recover=False)  # fmt: skip
     sa.outbox.flush = AsyncMock()
     return sa
 

@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime
 
 import orjson
+import pytest
 
 from stream_app.kafka_io import create_topics, produce, read_to_end
 from tests.integration.conftest import free_port, running_worker, wait_until
@@ -23,12 +24,9 @@ def midday_offset_min() -> int:
     return offset if offset >= -720 else offset + 1440
 
 
-def test_labels_from_any_partition_update_the_model_on_every_worker(kafka_bootstrap, app_settings, tmp_path):
-    # at_least_once: this test is about model sharing. Under exactly_once, Faust 0.15's table recovery after
-    # a rebalance waits two 5 s read timeouts for the trailing transaction marker of each changelog partition
-    # (tables/recovery.py, detect_aborted_tx): a joining worker's first events waited ~10 s in 3 of 3 runs
-    # and recovery hung > 60 s once in CI. Exactly-once itself is proven by test_exactly_once.py.
-    s = app_settings.model_copy(update={"model_publish_interval_ms": 500, "processing_guarantee": "at_least_once"})
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_labels_from_any_partition_update_the_model_on_every_worker(kafka_bootstrap, app_settings, tmp_path, guarantee):
+    s = app_settings.model_copy(update={"model_publish_interval_ms": 500, "processing_guarantee": guarantee})
     asyncio.run(create_topics(kafka_bootstrap, s.topic_layout()))
     ports = [free_port(), free_port()]
     envs = [{**os.environ, **s.model_copy(update={"web_port": p, "datadir": str(tmp_path / f"w{p}")}).to_env()}
@@ -74,7 +72,7 @@ def test_labels_from_any_partition_update_the_model_on_every_worker(kafka_bootst
         propagation = time.monotonic() - t_labels
         labels = [metric(str(p), "stream_app_labels_total{") for p in ports]
         versions = [metric(str(p), version) for p in ports]
-    print(f"\n[models] labels joined after {joined:.1f}s, first publication after {trained:.1f}s")
+    print(f"\n[models] {guarantee}: labels joined after {joined:.1f}s, first publication after {trained:.1f}s")
     print(f"\n[models] {len(pushed)} pushes, {len(payments)} conversions; labels per worker {labels}; "
           f"model versions {versions}; payment -> new version on both workers in {propagation:.1f}s")  # fmt: skip
     assert sum(labels) == len(payments)
