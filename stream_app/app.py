@@ -375,6 +375,8 @@ def create_app(
         cur = models.current
         for name, scorer in cur.scorers.items():
             m.model_version[(f"propensity:{name}",)].set(scorer.version)
+        for name, scorer in cur.controls.items():
+            m.model_version[(f"control:{name}",)].set(scorer.version)
         seg = cur.segments
         m.model_version[(SEGMENTS_KEY,)].set(seg.version)
         for j, size in enumerate(seg.counts):

@@ -96,6 +96,7 @@ class CampaignConfig(_Strict):
     lapse_after: Duration = 7 * 86400
     prior: float = Field(0.02, gt=0, lt=1)
     min_labels: int = Field(200, ge=1)
+    mode: Literal["propensity", "uplift"] = "propensity"
 
     @field_validator("triggers")
     @classmethod
@@ -163,6 +164,7 @@ def load_campaigns(path: str | Path | None = None) -> tuple[tuple[Campaign, ...]
             lapse_after_ms=int(c.lapse_after * ms),
             prior=c.prior,
             min_labels=c.min_labels,
+            mode=c.mode,
         )
         for c in cfg.campaigns
     )

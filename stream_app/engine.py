@@ -57,12 +57,14 @@ class ModelStore:
         cur = self.current
         if key == SEGMENTS_KEY:
             if params["version"] > cur.segments.version:
-                self.current = Models(SegmentModel.from_params(params), cur.scorers)
-        elif key.startswith("propensity:"):
-            old = cur.scorers.get(params["campaign"])
+                self.current = Models(SegmentModel.from_params(params), cur.scorers, cur.controls)
+        elif key.startswith(("propensity:", "control:")):
+            control = key.startswith("control:")
+            table = cur.controls if control else cur.scorers
+            old = table.get(params["campaign"])
             if old is None or params["version"] > old.version:
-                scorer = PropensityScorer.from_params(params)
-                self.current = Models(cur.segments, {**cur.scorers, params["campaign"]: scorer})
+                new = {**table, params["campaign"]: PropensityScorer.from_params(params)}
+                self.current = Models(cur.segments, cur.scorers if control else new, new if control else cur.controls)
 
 
 @dataclass

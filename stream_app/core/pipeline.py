@@ -51,10 +51,18 @@ class Models:
     """The model versions every worker scores with (replaced as a whole when a new version arrives)."""
 
     segments: SegmentModel
-    scorers: dict[str, PropensityScorer]
+    scorers: dict[str, PropensityScorer]  # by campaign: P(convert | pushed) (all labels in propensity mode)
+    controls: dict[str, PropensityScorer] = field(default_factory=dict)  # uplift campaigns: P(convert | not)
 
     def scorer(self, campaign: Campaign) -> PropensityScorer:
         s = self.scorers.get(campaign.name)
+        return s if s is not None else PropensityScorer.cold(campaign.name, campaign.prior, campaign.min_labels)
+
+    def control(self, campaign: Campaign) -> PropensityScorer | None:
+        """The no-push model of an uplift campaign (cold until published); None in propensity mode."""
+        if campaign.mode != "uplift":
+            return None
+        s = self.controls.get(campaign.name)
         return s if s is not None else PropensityScorer.cold(campaign.name, campaign.prior, campaign.min_labels)
 
 
@@ -227,6 +235,7 @@ def _decide(state: UserState, campaigns: list[Campaign], features: list[float], 
             segment=segment,
             campaign=c,
             scorer=models.scorer(c),
+            control=models.control(c),
             guardrails=config.guardrails,
             trigger_id=trigger,
             now_ms=now,

@@ -58,6 +58,7 @@ class Campaign:
     lapse_after_ms: int = 7 * 24 * HOUR_MS  # LAPSE campaigns: quiet this long triggers a decision
     prior: float = 0.02
     min_labels: int = 200
+    mode: str = "propensity"  # or "uplift": target by P(convert | push) - P(convert | no push)
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,19 @@ def decide(
     trigger_id: str,
     now_ms: int,
     opted_out: bool = False,
+    control: PropensityScorer | None = None,
 ) -> Decision:
-    """One campaign's decision for one user and trigger; the caller has checked ``ineligibility``."""
+    """One campaign's decision for one user and trigger; the caller has checked ``ineligibility``.
+
+    In uplift mode (``control`` given) the score is the estimated uplift, P(convert | push) from the
+    treated model minus P(convert | no push) from the control model, and both must be warm to target.
+    """
     did = decision_id(campaign.name, user_id, trigger_id)
     score = scorer.predict_one(features)
+    warm = scorer.is_warm
+    if control is not None:
+        score -= control.predict_one(features)
+        warm = warm and control.is_warm
     reasons: list[str] = []
 
     def out(action: str, probability: float, send_at: int | None = None) -> Decision:
@@ -173,10 +183,11 @@ def decide(
         return out("holdout", 1.0)
 
     explore = campaign.exploration_share
-    if not scorer.is_warm:
-        reasons.append(f"cold_start:{scorer.n_labels}_labels")
+    if not warm:
+        n_labels = scorer.n_labels if control is None else min(scorer.n_labels, control.n_labels)
+        reasons.append(f"cold_start:{n_labels}_labels")
         explore = max(explore, campaign.cold_start_share)  # labels come only from pushes and holdouts
-    if score >= campaign.threshold and scorer.is_warm:
+    if score >= campaign.threshold and warm:
         reasons.append(f"score>={campaign.threshold:g}")
         probability = 1.0
     elif uniform("explore", did) < explore:

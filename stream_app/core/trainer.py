@@ -25,6 +25,11 @@ from stream_app.core.segments import SegmentModel
 SEGMENTS_KEY = "segments"
 
 
+def control_key(campaign: str) -> str:
+    """The model of conversion *without* a push (learned from holdout labels), for uplift campaigns."""
+    return f"control:{campaign}"
+
+
 def propensity_key(campaign: str) -> str:
     return f"propensity:{campaign}"
 
@@ -91,7 +96,9 @@ class Trainer:
     def __init__(self, campaigns: tuple[Campaign, ...], segments_k: int = 6, publish_every_ms: int = 2000) -> None:
         self.campaigns = {c.name: c for c in campaigns}
         self.publish_every_ms = publish_every_ms
-        self.learners = {c.name: PropensityLearner(c.name, c.prior, c.min_labels) for c in campaigns}
+        self.learners = {propensity_key(c.name): PropensityLearner(c.name, c.prior, c.min_labels) for c in campaigns}
+        self.learners |= {control_key(c.name): PropensityLearner(c.name, c.prior, c.min_labels)
+                          for c in campaigns if c.mode == "uplift"}  # fmt: skip
         self.segments = SegmentModel(k=segments_k)
         self.quality = {c.name: Quality() for c in campaigns}
         self.dirty: set[str] = set()
@@ -103,15 +110,19 @@ class Trainer:
             self.segments.learn_one(record["features"])
             self.dirty.add(SEGMENTS_KEY)
             return SEGMENTS_KEY
-        learner = self.learners.get(record.get("campaign", ""))
-        if record.get("kind") != "label" or learner is None:
+        campaign = self.campaigns.get(record.get("campaign", ""))
+        if record.get("kind") != "label" or campaign is None:
             return None  # a campaign removed from the config: its late labels are dropped
+        # uplift campaigns learn two models: pushed users (treated) and holdout users (control)
+        key = propensity_key(campaign.name)
+        if campaign.mode == "uplift" and record.get("action") == "holdout":
+            key = control_key(campaign.name)
+        learner = self.learners[key]
         x, y = record["features"], bool(record["converted"])
         score = PropensityScorer.from_params(learner.to_params()).predict_one(x)
         self.quality[learner.campaign].add(score, y, record["labelled_at_ms"] - record["decided_at_ms"],
                                            record["action"])  # fmt: skip
         learner.learn_one(x, y)
-        key = propensity_key(learner.campaign)
         self.dirty.add(key)
         return key
 
@@ -126,7 +137,7 @@ class Trainer:
                 self.segments.version += 1
                 out[key] = self.segments.to_params(with_buffer=False)
             else:
-                learner = self.learners[key.split(":", 1)[1]]
+                learner = self.learners[key]
                 learner.version += 1
                 out[key] = learner.to_params()
         self.dirty.clear()
@@ -136,10 +147,10 @@ class Trainer:
         """The full learning state of one model (what a successor trainer restores)."""
         if key == SEGMENTS_KEY:
             return self.segments.to_params()
-        return self.learners[key.split(":", 1)[1]].to_params()
+        return self.learners[key].to_params()
 
     def restore(self, key: str, params: dict[str, Any]) -> None:
         if key == SEGMENTS_KEY:
             self.segments = SegmentModel.from_params(params)
-        elif key.split(":", 1)[1] in self.learners:
-            self.learners[key.split(":", 1)[1]] = PropensityLearner.from_params(params)
+        elif key in self.learners:
+            self.learners[key] = PropensityLearner.from_params(params)
