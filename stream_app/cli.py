@@ -73,10 +73,12 @@ def kafka_status(port: int | None) -> None:
 @main.command("topics")
 def topics() -> None:
     """Create every topic the app uses (inputs, consent, outputs, model topics) with its partitions."""
+    from stream_app.app import client_kwargs
     from stream_app.kafka_io import create_topics
 
     s = _settings()
-    made = asyncio.run(create_topics(s.bootstrap_servers, s.topic_layout(), s.topic_replication))
+    kw = client_kwargs(s)  # SASL over TLS too, when configured
+    made = asyncio.run(create_topics(kw.pop("bootstrap_servers"), s.topic_layout(), s.topic_replication, **kw))
     click.echo(f"created: {', '.join(made) or 'nothing (all exist)'}")
 
 
