@@ -218,6 +218,7 @@ def create_app(
         processing_guarantee=settings.processing_guarantee,
         broker_commit_interval=settings.commit_interval_s,
         broker_session_timeout=settings.session_timeout_s,
+        producer_linger=settings.producer_linger_ms / 1000,
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         web_tables_enabled=settings.table_views,

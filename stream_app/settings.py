@@ -35,6 +35,7 @@ class Settings(BaseSettings):
         description="offset commit (exactly_once: transaction) interval; outputs of exactly_once "
         "become visible to read_committed consumers at commit, so this bounds decision latency",
     )
+    producer_linger_ms: int = Field(5, ge=0, le=1000, description="batch outputs this long before a produce request")
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
 
     clicks_topic: str = "clicks"
