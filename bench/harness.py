@@ -1,0 +1,750 @@
+"""``python -m bench``: preload events, then run and measure (a) raw loop, (b) minimal Faust, (c) the pipeline
+at_least_once, (d) exactly_once; latency, memory, recovery and scale. Results under bench/results/.
+
+Every process this starts (broker, workers) is stopped in ``finally`` blocks, also on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from bench import gen
+from bench.procmon import CpuSampler, cpu_seconds, rss_bytes
+from stream_app.core.timers import partition_for
+from stream_app.kafka_io import create_topics, group_lag, latest_by_key, partitions_of
+from stream_app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent
+PROCS: list[subprocess.Popen] = []
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT.parent)
+    PROCS.append(proc)
+    return proc
+
+
+STOP_TIMEOUT = [45.0]
+
+
+def stop(proc: subprocess.Popen, timeout: float | None = None) -> str:
+    """SIGTERM, then SIGKILL after ``timeout`` s; returns how it ended."""
+    how = f"already exited rc={proc.returncode}"
+    if proc.poll() is None:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT[0] if timeout is None else timeout)
+            how = f"SIGTERM rc={proc.returncode} in {time.monotonic() - t0:.1f}s"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            how = f"no exit {time.monotonic() - t0:.0f}s after SIGTERM: SIGKILL"
+    with contextlib.suppress(ValueError):
+        PROCS.remove(proc)
+    return how
+
+
+def stop_all() -> None:
+    for p in list(PROCS):
+        stop(p, 20)
+
+
+def metrics_text(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def metric_sum(text: str | None, name: str) -> float:
+    if not text:
+        return 0.0
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+# -- kafka helpers -------------------------------------------------------------------------------
+
+
+def run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def preload(bootstrap: str, topics: dict[str, str], n: int, users: int, seed: int, partitions: int) -> dict:
+    """Produce the events with per-partition batches (acks=1, no compression); returns counts and the rate."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_batch_size=512 << 10, max_request_size=4 << 20
+    )
+    await producer.start()
+    counts = dict.fromkeys(topics.values(), 0)
+    t0 = time.perf_counter()
+    try:
+        builders: dict[tuple[str, int], Any] = {}
+        futures: list[asyncio.Future] = []
+        pcache: dict[bytes, int] = {}
+        for etype, key, value in gen.events(n, users, seed, int(time.time() * 1000)):
+            topic = topics[etype]
+            p = pcache.get(key)
+            if p is None:
+                p = pcache[key] = partition_for(key.decode(), partitions)
+            b = builders.get((topic, p))
+            if b is None:
+                b = builders[(topic, p)] = producer.create_batch()
+            if b.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(b, topic, partition=p))
+                b = builders[(topic, p)] = producer.create_batch()
+                b.append(key=key, value=value, timestamp=None)
+            counts[topic] += 1
+            if len(futures) > 64:
+                await asyncio.gather(*futures)
+                futures.clear()
+        for (topic, p), b in builders.items():
+            if b.record_count():
+                futures.append(await producer.send_batch(b, topic, partition=p))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    took = time.perf_counter() - t0
+    return {
+        "events": n,
+        "users": users,
+        "per_topic": counts,
+        "seconds": round(took, 2),
+        "events_per_s": round(n / took),
+    }
+
+
+async def first_record_ts(bootstrap: str, topic: str) -> float | None:
+    """Earliest record timestamp (CreateTime: set by the writer when it sent it) over the partitions of a topic."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        todo = {tp for tp in tps if end[tp] > 0}
+        first: list[int] = []
+        deadline = time.monotonic() + 30
+        while todo and time.monotonic() < deadline:
+            for tp, msgs in (await consumer.getmany(*todo, timeout_ms=500, max_records=1)).items():
+                if msgs and tp in todo:
+                    first.append(msgs[0].timestamp)
+                    todo.discard(tp)
+                    consumer.pause(tp)
+        return min(first) / 1000 if first else None
+    finally:
+        await consumer.stop()
+
+
+async def read_values(bootstrap: str, topic: str, timeout: float = 300) -> dict[bytes, bytes]:
+    """Latest value per key of a (changelog) topic, read to its end with large fetches."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 << 20,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        state: dict[bytes, bytes] = {}
+        deadline = time.monotonic() + timeout
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]] and time.monotonic() < deadline:
+            for msgs in (await consumer.getmany(timeout_ms=500, max_records=20_000)).values():
+                state.update(latest_by_key((m.key, m.value) for m in msgs))
+        return state
+    finally:
+        await consumer.stop()
+
+
+def wait_lag_zero(
+    bootstrap: str,
+    group: str,
+    topics: list[str],
+    procs: list[subprocess.Popen],
+    log: Path,
+    timeout: float,
+    poll: float = 0.5,
+) -> float:
+    """Poll kafka_io.group_lag until 0; returns the wall time (time.time()) at which lag 0 was seen."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"process exited {p.returncode}; log tail:\n{tail(log)}")
+        try:
+            if run_async(group_lag(bootstrap, group, topics)) == 0:
+                return time.time()
+        except KafkaError:  # e.g. the group coordinator is not there yet on a fresh broker
+            pass
+        time.sleep(poll)
+    raise TimeoutError(f"lag of {group} not 0 after {timeout}s; log tail:\n{tail(log)}")
+
+
+def tail(log: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# -- the runs --------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace, bootstrap: str, workdir: Path) -> None:
+        self.a, self.bootstrap, self.workdir = a, bootstrap, workdir
+        self.tag = uuid.uuid4().hex[:8]
+        self.inputs = {t: f"bench-{self.tag}-{t}s" for t in ("click", "like", "payment")}
+        self.input_topics = list(self.inputs.values())
+        self.counter = 0
+
+    def name(self, kind: str) -> str:
+        self.counter += 1
+        return f"bench-{self.tag}-{kind}-{self.counter}"
+
+    def settings(self, app_id: str, guarantee: str, web_port: int) -> Settings:
+        s = Settings(
+            app_id=app_id,
+            broker=";".join(f"kafka://{h}" for h in self.bootstrap.split(",")),
+            datadir=str(self.workdir / app_id),
+            web_port=web_port,
+            processing_guarantee=guarantee,
+            topic_partitions=self.a.partitions,
+        )
+        s = s.with_topic_suffix(app_id)
+        return s.model_copy(
+            update={
+                "clicks_topic": self.inputs["click"],
+                "likes_topic": self.inputs["like"],
+                "payments_topic": self.inputs["payment"],
+            }
+        )
+
+    def measure(
+        self, kind: str, procs: list[subprocess.Popen], group: str, out_topic: str, log: Path, sampler: CpuSampler
+    ) -> dict:
+        t_end = wait_lag_zero(self.bootstrap, group, self.input_topics, procs, log, self.a.run_timeout)
+        cpu_end = cpu_seconds([p.pid for p in procs])
+        t_first = run_async(first_record_ts(self.bootstrap, out_topic))
+        if t_first is None:
+            raise RuntimeError(f"{kind}: no output in {out_topic}")
+        wall = t_end - t_first
+        cpu = cpu_end - sampler.at(t_first)
+        n = self.a.events
+        return {
+            "events": n,
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+            "events_per_s": round(n / wall, 1),
+            "events_per_cpu_s": round(n / cpu, 1),
+            "rss_mb": round(rss_bytes([p.pid for p in procs]) / 2**20, 1),
+        }
+
+    def raw_loop(self) -> dict:
+        group = self.name("raw")
+        out = f"{group}-out"
+        run_async(create_topics(self.bootstrap, {out: (self.a.partitions, {})}))
+        log = self.workdir / f"{group}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.raw_loop",
+            "--bootstrap",
+            self.bootstrap,
+            "--group",
+            group,
+            "--inputs",
+            ",".join(self.input_topics),
+            "--output",
+            out,
+            "--commit-interval",
+            str(self.a.commit_interval),
+            "--linger-ms",
+            str(self.a.linger_ms),
+        ]
+        proc = start(cmd, os.environ.copy(), log)
+        try:
+            with CpuSampler([proc.pid]) as sampler:
+                return self.measure("raw", [proc], group, out, log, sampler)
+        finally:
+            stop(proc)
+
+    def minimal_faust(self) -> dict:
+        app_id = self.name("faust")
+        out = f"{app_id}-out"
+        run_async(create_topics(self.bootstrap, {out: (self.a.partitions, {})}))
+        log = self.workdir / f"{app_id}.log"
+        env = {
+            **os.environ,
+            "BENCH_APP_ID": app_id,
+            "BENCH_BROKER": f"kafka://{self.bootstrap}",
+            "BENCH_DATADIR": str(self.workdir / app_id),
+            "BENCH_PARTITIONS": str(self.a.partitions),
+            "BENCH_INPUTS": ",".join(self.input_topics),
+            "BENCH_OUTPUT": out,
+            "BENCH_GUARANTEE": "at_least_once",
+            "BENCH_COMMIT_INTERVAL_S": str(self.a.commit_interval),
+            "BENCH_LINGER_MS": str(self.a.linger_ms),
+            "BENCH_WEB_PORT": str(free_port()),
+        }
+        proc = start([sys.executable, "-m", "bench.minimal_faust", "worker", "-l", "warn"], env, log)
+        try:
+            with CpuSampler([proc.pid]) as sampler:
+                return self.measure("faust", [proc], app_id, out, log, sampler)
+        finally:
+            stop(proc)
+
+    def pipeline_env(self, s: Settings) -> dict[str, str]:
+        env = {
+            **os.environ,
+            **s.to_env(),
+            "STREAM_APP_SESSION_TIMEOUT_S": str(self.a.session_timeout),
+            "STREAM_APP_COMMIT_INTERVAL_S": str(self.a.commit_interval),
+            "STREAM_APP_PRODUCER_LINGER_MS": str(self.a.linger_ms),
+        }
+        return env
+
+    def start_pipeline(self, s: Settings, log: Path) -> subprocess.Popen:
+        return start([sys.executable, "-m", "stream_app", "worker", "--loglevel", "info"], self.pipeline_env(s), log)
+
+    def pipeline(self, guarantee: str, keep: bool = False) -> tuple[dict, Settings, subprocess.Popen | None, Path]:
+        """One full-pipeline run; with ``keep`` the worker is left running (caller stops it)."""
+        app_id = self.name("alo" if guarantee == "at_least_once" else "eos")
+        s = self.settings(app_id, guarantee, free_port())
+        run_async(create_topics(self.bootstrap, s.topic_layout()))
+        log = self.workdir / f"{app_id}.log"
+        proc = self.start_pipeline(s, log)
+        try:
+            with CpuSampler([proc.pid]) as sampler:
+                res = self.measure(guarantee, [proc], app_id, s.users_changelog_topic, log, sampler)
+            text = metrics_text(s.web_port)
+            res["consumed"] = metric_sum(text, "stream_app_events_consumed_total")
+            res["rejected"] = metric_sum(text, "stream_app_events_rejected_total")
+            res["decisions"] = metric_sum(text, "stream_app_decisions_total")
+        except BaseException:
+            stop(proc)
+            raise
+        if not keep:
+            res["stop"] = stop(proc)
+            return res, s, None, log
+        return res, s, proc, log
+
+    def scale(self, workers: int) -> dict:
+        app_id = self.name(f"scale{workers}")
+        s = self.settings(app_id, "at_least_once", free_port())
+        run_async(create_topics(self.bootstrap, s.topic_layout()))
+        log = self.workdir / f"{app_id}.log"
+        procs = [self.start_pipeline(s.model_copy(update={"web_port": free_port()}), log) for _ in range(workers)]
+        try:
+            with CpuSampler([p.pid for p in procs]) as sampler:
+                return self.measure("scale", procs, app_id, s.users_changelog_topic, log, sampler)
+        finally:
+            for p in procs:
+                stop(p)
+
+    # -- latency ---------------------------------------------------------------------------------
+
+    def latency(self, s: Settings, rate: float, seconds: float) -> dict:
+        return run_async(self._latency(s, rate, seconds))
+
+    async def _latency(self, s: Settings, rate: float, seconds: float) -> dict:
+        """Open loop: clicks at a fixed rate, ts = produce time; a read_committed consumer on decision-audit."""
+        bs = self.bootstrap
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bs,
+            enable_auto_commit=False,
+            group_id=None,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=10,
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=bs, acks=1, linger_ms=0)
+        await consumer.start()
+        await producer.start()
+        sent: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        done = asyncio.Event()
+        try:
+            tps = [TopicPartition(s.audit_topic, p) for p in await partitions_of(bs, s.audit_topic)]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            for tp in tps:
+                await consumer.position(tp)
+
+            async def read() -> None:
+                while not done.is_set():
+                    batch = await consumer.getmany(timeout_ms=50)
+                    now = time.time()
+                    for msgs in batch.values():
+                        for m in msgs:
+                            tid = orjson.loads(m.value).get("trigger_event_id")
+                            if tid in sent and tid not in seen:
+                                seen[tid] = now - sent[tid]
+
+            reader = asyncio.create_task(read())
+            users = min(self.a.users, 1_000_000)
+            rng = __import__("random").Random(7)
+            t0 = time.monotonic()
+            n = 0
+            prefix = f"lat-{uuid.uuid4().hex[:6]}"
+            while (elapsed := time.monotonic() - t0) < seconds:
+                due = int(elapsed * rate) + 1
+                while n < due:
+                    u = int(rng.random() * users)
+                    eid = f"{prefix}-{n}"
+                    now = time.time()
+                    sent[eid] = now
+                    await producer.send(s.clicks_topic, gen.click(eid, u, int(now * 1000)), key=f"u{u}".encode())
+                    n += 1
+                await asyncio.sleep(max(0.0, (n / rate) - (time.monotonic() - t0)))
+            await producer.flush()
+            drain_until = time.monotonic() + max(5.0, 3 * self.a.commit_interval)
+            while time.monotonic() < drain_until and len(seen) < len(sent):
+                await asyncio.sleep(0.2)
+            done.set()
+            await reader
+        finally:
+            await producer.stop()
+            await consumer.stop()
+        lat = sorted(seen.values())
+        if not lat:
+            raise RuntimeError("latency: no decision for any probe event")
+
+        def q(p: float) -> float:
+            return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 1)
+
+        return {
+            "rate_per_s": round(rate, 1),
+            "seconds": seconds,
+            "events_sent": len(sent),
+            "decisions_seen": len(lat),
+            "p50_ms": q(0.50),
+            "p95_ms": q(0.95),
+            "p99_ms": q(0.99),
+            "max_ms": round(1000 * lat[-1], 1),
+        }
+
+    # -- memory and recovery ---------------------------------------------------------------------
+
+    def memory(self, s: Settings, proc: subprocess.Popen) -> dict:
+        rss = rss_bytes([proc.pid])
+        t0 = time.monotonic()
+        state = run_async(read_values(self.bootstrap, s.users_changelog_topic))
+        sizes = sorted(len(v) for v in state.values())
+        return {
+            "users_in_state": len(sizes),
+            "state_bytes_mean": round(statistics.fmean(sizes), 1),
+            "state_bytes_median": sizes[len(sizes) // 2],
+            "state_bytes_p99": sizes[int(0.99 * len(sizes))],
+            "worker_rss_mb": round(rss / 2**20, 1),
+            "changelog_read_s": round(time.monotonic() - t0, 2),
+        }
+
+    def restart(self, s: Settings, log: Path) -> tuple[dict, subprocess.Popen]:
+        """A fresh worker with the same app id (left running): time to load the users state from the
+        changelog and to process one new event (a probe click sent right after the process started)."""
+        s = s.model_copy(update={"web_port": free_port()})
+        mark = log.stat().st_size if log.exists() else 0
+        t0 = time.time()
+        proc = self.start_pipeline(s, log)
+        try:
+            run_async(self._send_one(s.clicks_topic, 1, f"recovery-{uuid.uuid4().hex[:6]}"))
+            recovered = None
+            while time.time() - t0 < self.a.run_timeout:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"restarted worker exited {proc.returncode}:\n{tail(log)}")
+                with open(log, "rb") as f:
+                    f.seek(mark)
+                    text = f.read().decode(errors="replace")
+                pat = rf"state {re.escape(s.users_changelog_topic)} partitions .* recovered: (\d+) keys in ([0-9.]+)s"
+                if recovered is None and (m := re.search(pat, text)):
+                    recovered = (time.time() - t0, int(m.group(1)), float(m.group(2)))
+                if metric_sum(metrics_text(s.web_port), "stream_app_events_consumed_total") >= 1:
+                    t_event = time.time() - t0
+                    break
+                time.sleep(0.1)
+            else:
+                raise TimeoutError(f"restart: no event processed in {self.a.run_timeout}s")
+        except BaseException:
+            stop(proc)
+            raise
+        return {
+            "restart_to_first_event_s": round(t_event, 2),
+            "restart_to_recovered_s": round(recovered[0], 2) if recovered else None,
+            "keys_recovered": recovered[1] if recovered else None,
+            "state_load_s_reported": recovered[2] if recovered else None,
+            "worker_rss_mb_after": round(rss_bytes([proc.pid]) / 2**20, 1),
+        }, proc
+
+    async def _send_one(self, topic: str, u: int, eid: str) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks=1)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, gen.click(eid, u, int(time.time() * 1000)), key=f"u{u}".encode())
+        finally:
+            await producer.stop()
+
+
+# -- summary -----------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict]) -> dict:
+    out: dict[str, Any] = {"runs": runs}
+    for k in ("events_per_s", "events_per_cpu_s", "wall_s", "cpu_s"):
+        vals = [r[k] for r in runs]
+        out[k] = {"median": round(statistics.median(vals), 1), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def machine() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal"))) * 1024
+    import aiokafka
+    import faust
+
+    from stream_app.kafka_local import kafka_version
+
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "kafka": kafka_version(),
+        "faust": faust.__version__,
+        "aiokafka": aiokafka.__version__,
+    }
+
+
+@contextlib.contextmanager
+def broker(a: argparse.Namespace) -> Iterator[str]:
+    if a.bootstrap:
+        yield a.bootstrap
+        return
+    from stream_app.kafka_local import LocalKafka
+
+    home = Path(os.environ.get("STREAM_APP_HOME") or Path.home() / ".cache" / "stream_app_bench")
+    local = LocalKafka(port=a.port, home=home)
+    started = local.pid() is None
+    took = local.up()
+    say(f"broker {local.bootstrap} ready in {took:.1f}s (home {home}, log {local.log_file})")
+    try:
+        yield local.bootstrap
+    finally:
+        if started:
+            local.down()
+            if not a.keep_broker_data:
+                shutil.rmtree(local.dir, ignore_errors=True)
+            say("broker stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--bootstrap", default="", help="use this broker instead of starting a local one")
+    p.add_argument("--port", type=int, default=19392, help="port of the local broker the bench starts")
+    p.add_argument("--keep-broker-data", action="store_true")
+    p.add_argument("--keep-logs", action="store_true", help="keep the workers' logs (their directory is printed)")
+    p.add_argument("--commit-interval", type=float, default=1.0, help="STREAM_APP_COMMIT_INTERVAL_S for all runs")
+    p.add_argument("--linger-ms", type=int, default=5, help="producer linger of the workers")
+    p.add_argument("--session-timeout", type=float, default=30.0, help="STREAM_APP_SESSION_TIMEOUT_S of the workers")
+    p.add_argument("--stop-timeout", type=float, default=45.0, help="SIGKILL a worker this long after SIGTERM")
+    p.add_argument("--latency-seconds", type=float, default=30.0)
+    p.add_argument("--run-timeout", type=float, default=3600.0)
+    p.add_argument("--only", default="a,b,c,d,latency,memory,recovery,scale", help="phases to run")
+    p.add_argument("--out", default=str(ROOT / "results"), help="directory for bench.json / .md / .png")
+    p.add_argument("--name", default="bench", help="file name stem of the results")
+    a = p.parse_args(argv)
+    only = set(a.only.split(","))
+    STOP_TIMEOUT[0] = a.stop_timeout
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {
+        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "settings": {
+            "partitions": a.partitions,
+            "commit_interval_s": a.commit_interval,
+            "producer_linger_ms": a.linger_ms,
+            "session_timeout_s": a.session_timeout,
+            "faust_consumer_fetch_max_wait_ms": 1500,
+            "latency_consumer_fetch_max_wait_ms": 10,
+            "latency_producer_linger_ms": 0,
+            "raw_loop": "aiokafka getmany(max_records=5000), acks=1, commit after acks every commit interval",
+            "minimal_faust": "at_least_once, same commit interval and linger",
+        },
+    }
+
+    def save() -> None:
+        from bench.report import write
+
+        write(res, out_dir, a.name)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    t_start = time.monotonic()
+    try:
+        with broker(a) as bootstrap:
+            b = Bench(a, bootstrap, workdir)
+            layout = {t: (a.partitions, {}) for t in b.input_topics}
+            run_async(create_topics(bootstrap, layout))
+            say(f"preloading {a.events} events over {a.users} users into {b.input_topics}")
+            res["preload"] = run_async(preload(bootstrap, b.inputs, a.events, a.users, a.seed, a.partitions))
+            say(f"preload: {res['preload']}")
+            save()
+            apps: dict[str, tuple[Settings, Path]] = {}
+            phases = [("a_raw_aiokafka", "a", b.raw_loop), ("b_minimal_faust", "b", b.minimal_faust)]
+            for key, flag, fn in phases:
+                if flag not in only:
+                    continue
+                runs = []
+                for i in range(a.runs):
+                    runs.append(fn())
+                    say(f"{key} run {i + 1}: {runs[-1]}")
+                res[key] = summarize(runs)
+                save()
+            for key, flag, guarantee in (
+                ("c_pipeline_alo", "c", "at_least_once"),
+                ("d_pipeline_eos", "d", "exactly_once"),
+            ):
+                if flag not in only:
+                    continue
+                runs = []
+                for i in range(a.runs):
+                    keep = i == a.runs - 1 and flag == "c" and "memory" in only
+                    r, s, proc, log = b.pipeline(guarantee, keep=keep)
+                    runs.append(r)
+                    say(f"{key} run {i + 1}: {r}")
+                    if proc is not None:
+                        try:
+                            res["memory"] = b.memory(s, proc)
+                            say(f"memory: {res['memory']}")
+                        finally:
+                            r["stop"] = stop(proc)
+                apps[guarantee] = (s, log)
+                res[key] = summarize(runs)
+                save()
+            if "scale" in only:
+                one = res.get("c_pipeline_alo") or summarize([b.scale(1) for _ in range(a.runs)])
+                two = [b.scale(2) for _ in range(a.runs)]
+                say(f"scale, 2 workers: {two}")
+                res["scale"] = {
+                    "one_worker": one,
+                    "two_workers": summarize(two),
+                    "note": "one worker = the (c) runs (same settings, fresh app id each)",
+                }
+                res["scale"]["speedup"] = round(
+                    res["scale"]["two_workers"]["events_per_s"]["median"]
+                    / res["scale"]["one_worker"]["events_per_s"]["median"],
+                    2,
+                )
+                say(f"scale: {res['scale']['speedup']}x")
+            # recovery and latency last: their probe events go into the shared input topics
+            for guarantee, key in (("at_least_once", "c_pipeline_alo"), ("exactly_once", "d_pipeline_eos")):
+                if guarantee not in apps or not {"recovery", "latency"} & only:
+                    continue
+                s, log = apps[guarantee]
+                rec, proc = b.restart(s, log)
+                rec["previous_worker_stop"] = res[key]["runs"][-1].get("stop")
+                try:
+                    res.setdefault("recovery", {})[guarantee] = rec
+                    say(f"restart {guarantee}: {rec}")
+                    save()
+                    if "latency" in only:
+                        rate = 0.5 * res[key]["events_per_s"]["median"]
+                        lat = b.latency(s, rate, a.latency_seconds)
+                        res.setdefault("latency", {})[guarantee] = lat
+                        say(f"latency {guarantee}: {lat}")
+                        save()
+                finally:
+                    say(f"stopped: {stop(proc)}")
+            res["ratios"] = ratios(res)
+            res["total_s"] = round(time.monotonic() - t_start, 1)
+            save()
+            say(f"done in {res['total_s']}s: {out_dir / a.name}.json")
+    finally:
+        stop_all()
+        if a.keep_logs:
+            say(f"worker logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ratios(res: dict) -> dict:
+    def med(key: str, metric: str) -> float | None:
+        return res[key][metric]["median"] if key in res else None
+
+    out = {}
+    for name, num, den in (
+        ("c/a", "c_pipeline_alo", "a_raw_aiokafka"),
+        ("d/a", "d_pipeline_eos", "a_raw_aiokafka"),
+        ("d/b", "d_pipeline_eos", "b_minimal_faust"),
+        ("c/b", "c_pipeline_alo", "b_minimal_faust"),
+    ):
+        for metric in ("events_per_s", "events_per_cpu_s"):
+            n, d = med(num, metric), med(den, metric)
+            if n and d:
+                out[f"{name} {metric}"] = round(n / d, 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()

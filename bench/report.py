@@ -1,0 +1,166 @@
+"""Write results as JSON, a Markdown table and a PNG bar chart (matplotlib if installed, else a plain PNG)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "a_raw_aiokafka": "(a) raw aiokafka loop",
+    "b_minimal_faust": "(b) minimal Faust agent",
+    "c_pipeline_alo": "(c) pipeline, at_least_once",
+    "d_pipeline_eos": "(d) pipeline, exactly_once",
+}
+COLORS = {
+    "a_raw_aiokafka": (31, 119, 180),
+    "b_minimal_faust": (255, 127, 14),
+    "c_pipeline_alo": (44, 160, 44),
+    "d_pipeline_eos": (214, 39, 40),
+    "scale2": (148, 103, 189),
+}
+
+
+def _mmm(d: dict) -> str:
+    return f"{d['median']:,.0f} ({d['min']:,.0f}-{d['max']:,.0f})"
+
+
+def markdown(res: dict) -> str:
+    m = res.get("machine", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `{res.get('command', '')}`  ",
+        f"Started: {res.get('started', '')}; total {res.get('total_s', '?')} s  ",
+        f"Machine: {m.get('cpu_model')} x {m.get('cores')} cores, {m.get('ram_gb')} GB RAM, Python {m.get('python')}, "
+        f"Kafka {m.get('kafka')} (local, same machine), faust-streaming {m.get('faust')}, "
+        f"aiokafka {m.get('aiokafka')}  ",
+        f"Settings: {json.dumps(res.get('settings', {}))}",
+        "",
+    ]
+    if pre := res.get("preload"):
+        lines += [
+            f"Preload: {pre['events']:,} events over {pre['users']:,} users in {pre['seconds']} s "
+            f"({pre['events_per_s']:,} events/s), per topic {pre['per_topic']}",
+            "",
+        ]
+    lines += [
+        "## Throughput (median, min-max over runs; wall from first output record to consumer-group lag 0)",
+        "",
+        "| run | runs | events/s (wall) | events per worker CPU-second | worker CPU s | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in LABELS.items():
+        if r := res.get(key):
+            lines.append(
+                f"| {label} | {len(r['runs'])} | {_mmm(r['events_per_s'])} | {_mmm(r['events_per_cpu_s'])} "
+                f"| {r['cpu_s']['median']} | {r['wall_s']['median']} |"
+            )
+    if sc := res.get("scale"):
+        two = sc["two_workers"]
+        lines.append(
+            f"| (c) with 2 workers | {len(two['runs'])} | {_mmm(two['events_per_s'])} | "
+            f"{_mmm(two['events_per_cpu_s'])} | {two['cpu_s']['median']} | {two['wall_s']['median']} |"
+        )
+    if ra := res.get("ratios"):
+        lines += ["", "Ratios (medians): " + ", ".join(f"{k} = {v}" for k, v in ra.items())]
+    if sc:
+        lines += ["", f"Scale: 2 workers / 1 worker (events/s wall) = **{sc['speedup']}x**"]
+    if lat := res.get("latency"):
+        lines += [
+            "",
+            "## Latency: event produced -> decision visible to a read_committed consumer on decision-audit",
+            "",
+            "| guarantee | rate events/s | sent | decisions | p50 ms | p95 ms | p99 ms | max ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g, v in lat.items():
+            lines.append(
+                f"| {g} | {v['rate_per_s']} | {v['events_sent']} | {v['decisions_seen']} | {v['p50_ms']} | "
+                f"{v['p95_ms']} | {v['p99_ms']} | {v['max_ms']} |"
+            )
+    if mem := res.get("memory"):
+        lines += ["", "## Memory (end of the last (c) run)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in mem.items()]
+    if rec := res.get("recovery"):
+        lines += [
+            "",
+            "## Recovery (fresh worker, same app id as the last (c) run)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v} |" for k, v in rec.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> str:
+    rows = [(LABELS[k], res[k], COLORS[k]) for k in LABELS if k in res]
+    if "scale" in res:
+        rows.append(("(c) 2 workers", res["scale"]["two_workers"], COLORS["scale2"]))
+    if not rows:
+        return "none"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plain_png(rows, path)
+        return "plain (matplotlib not installed): left panel events/s wall, right events per CPU-s"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, title in (
+        (axes[0], "events_per_s", "events/s (wall)"),
+        (axes[1], "events_per_cpu_s", "events per worker CPU-second"),
+    ):
+        names = [r[0] for r in rows]
+        med = [r[1][metric]["median"] for r in rows]
+        err = [
+            [m - r[1][metric]["min"] for m, r in zip(med, rows, strict=True)],
+            [r[1][metric]["max"] - m for m, r in zip(med, rows, strict=True)],
+        ]
+        ax.barh(names, med, xerr=err, color=[tuple(c / 255 for c in r[2]) for r in rows])
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return "matplotlib"
+
+
+def _plain_png(rows: list[tuple[str, Any, tuple[int, int, int]]], path: Path) -> None:
+    """Two panels of horizontal bars (median; a thin dark line spans min-max), no text: see the Markdown."""
+    w, h, pad = 800, 60 + 50 * len(rows), 20
+    img = [[(255, 255, 255)] * w for _ in range(h)]
+    panel_w = (w - 3 * pad) // 2
+    for pi, metric in enumerate(("events_per_s", "events_per_cpu_s")):
+        x0 = pad + pi * (panel_w + pad)
+        top = max(r[1][metric]["max"] for r in rows) or 1
+        for y in range(pad, h - pad):
+            img[y][x0] = (0, 0, 0)
+        for i, (_, r, color) in enumerate(rows):
+            y0 = pad + 10 + 50 * i
+            length = int(panel_w * r[metric]["median"] / top)
+            for y in range(y0, y0 + 30):
+                for x in range(x0 + 1, x0 + 1 + length):
+                    img[y][x] = color
+            lo, hi = (int(panel_w * r[metric][k] / top) for k in ("min", "max"))
+            for x in range(x0 + lo, min(x0 + hi + 1, w)):
+                img[y0 + 15][x] = (0, 0, 0)
+    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in img)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+
+
+def write(res: dict, out_dir: Path, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res["plot"] = plot(res, out_dir / f"{name}.png")
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown(res))
