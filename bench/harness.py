@@ -333,7 +333,7 @@ class Bench:
             "BENCH_LINGER_MS": str(self.a.linger_ms),
             "BENCH_WEB_PORT": str(free_port()),
         }
-        proc = start([sys.executable, "-m", "bench.minimal_faust", "worker", "-l", "warn"], env, log)
+        proc = start([sys.executable, "-m", "bench.minimal_faust"], env, log)
         try:
             with CpuSampler([proc.pid]) as sampler:
                 return self.measure("faust", [proc], app_id, out, log, sampler)
