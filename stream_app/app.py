@@ -116,16 +116,18 @@ class ChangelogStore:
     message of that partition is processed: a plain read_committed consumer reads it from the beginning to
     its last stable offset (which, unlike the highwater, the reader can always reach once Faust's new
     transactional producers have fenced a crashed worker's open transactions). Keys and values are JSON,
-    as Faust would write them, so the topic stays readable by any tool.
+    as Faust would write them, so the topic stays readable by any tool. Values are held as those bytes
+    (``get``/``put``/``items``; ``store[key]`` decodes one for inspection), so recovery parses only keys.
     """
 
     def __init__(self, settings: Settings, topic: str, recover: bool = True) -> None:
         self.settings, self.topic, self.recover = settings, topic, recover
-        self.data: dict[str, Any] = {}
+        self.data: dict[str, bytes] = {}
         self.partition_of: dict[str, int] = {}
         self.loaded: set[int] = set()
+        self.nbytes = 0  # sum of the held values' sizes: the state-bytes gauge
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str) -> bytes | None:
         return self.data.get(key)
 
     def items(self) -> Any:
@@ -135,22 +137,28 @@ class ChangelogStore:
         return len(self.data)
 
     def __getitem__(self, key: str) -> Any:
-        return self.data[key]
+        return orjson.loads(self.data[key])
 
-    def put(self, batch: list[Record], key: str, value: dict | None, partition: int) -> None:
+    def _set(self, key: str, value: bytes | None, partition: int) -> None:
+        old = self.data.pop(key, None) if value is None else self.data.get(key)
+        self.nbytes -= len(old) if old is not None else 0
         if value is None:
-            self.data.pop(key, None)
             self.partition_of.pop(key, None)
         else:
             self.data[key] = value
             self.partition_of[key] = partition
-        batch.append((self.topic, orjson.dumps(key), None if value is None else orjson.dumps(value), partition))
+            self.nbytes += len(value)
+
+    def put(self, batch: list[Record], key: str, value: bytes | None, partition: int) -> None:
+        self._set(key, value, partition)
+        batch.append((self.topic, orjson.dumps(key), value, partition))
 
     def forget(self) -> None:
         """After a revocation: whatever this worker owns next is loaded again from the changelog."""
         self.data.clear()
         self.partition_of.clear()
         self.loaded.clear()
+        self.nbytes = 0
 
     async def ensure(self, partitions: set[int]) -> float:
         """Load the partitions not loaded yet; returns the seconds it took (0 if nothing to load)."""
@@ -170,13 +178,7 @@ class ChangelogStore:
             while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
                 for tp, msgs in (await consumer.getmany(timeout_ms=200, max_records=10_000)).items():
                     for msg in msgs:
-                        key = orjson.loads(msg.key)
-                        if msg.value is None:
-                            self.data.pop(key, None)
-                            self.partition_of.pop(key, None)
-                        else:
-                            self.data[key] = orjson.loads(msg.value)
-                            self.partition_of[key] = tp.partition
+                        self._set(orjson.loads(msg.key), msg.value, tp.partition)
         finally:
             await consumer.stop()
         self.loaded |= set(todo)
@@ -286,7 +288,7 @@ def create_app(
     @app.timer(5.0)
     async def observe_state() -> None:
         m.state_users.set(len(users))
-        m.state_bytes.set(len(users) * engine.size_mean)
+        m.state_bytes.set(users.nbytes)
         m.timers_pending.set(len(engine.timers))
 
     def on_revoked(*_: Any, **__: Any) -> None:
@@ -304,7 +306,7 @@ def create_app(
             if not ownership["fresh"]:  # (re)gained the partition: continue from the persisted state
                 await trainer_state.ensure({0})
                 for key, params in list(trainer_state.items()):
-                    trainer.restore(key, params)
+                    trainer.restore(key, orjson.loads(params))
                 ownership["fresh"] = True
             try:
                 record = orjson.loads(e.value)
@@ -316,14 +318,15 @@ def create_app(
                 continue
             batch: list[Record] = []
             if key is not None and key != SEGMENTS_KEY:
-                trainer_state.put(batch, key, trainer.state(key), 0)  # a label is rare: persist every one
+                trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)  # a label is rare: persist each
             elif key == SEGMENTS_KEY:
                 segment_writes += 1
                 if segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
-                    trainer_state.put(batch, key, trainer.state(key), 0)
+                    trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
             for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
-                trainer_state.put(batch, name, params, 0)
-                batch.append((settings.model_params_topic, name.encode(), orjson.dumps(params), None))
+                value = orjson.dumps(params)
+                trainer_state.put(batch, name, value, 0)
+                batch.append((settings.model_params_topic, name.encode(), value, None))
                 m.models_published[(name,)].inc()
             await outbox.flush(batch)
             observe_quality()

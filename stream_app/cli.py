@@ -100,7 +100,9 @@ def worker(loglevel: str) -> None:
     internal = {t: s.topic_layout()[t] for t in (s.users_changelog_topic, s.trainer_changelog_topic)}
     kw = client_kwargs(s)
     asyncio.run(create_topics(kw.pop("bootstrap_servers"), internal, s.topic_replication, **kw))
-    faust.Worker(sa.app, loglevel=loglevel).execute_from_commandline()
+    w = faust.Worker(sa.app, loglevel=loglevel)
+    w.spinner = None  # at warn level its handler sets the root logger to DEBUG: every debug call then costs
+    w.execute_from_commandline()
 
 
 def sample_events(n_users: int, n_events: int, seed: int, t0_ms: int) -> list[tuple[str, str, dict]]:

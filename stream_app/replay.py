@@ -34,18 +34,18 @@ OUTPUTS = ("decisions", "audit", "dead_letters", "model_inputs", "model_params")
 
 
 class DictStore:
-    """Users' state in a dict: what the Faust table holds, without a changelog."""
+    """Users' state in a dict: what the changelog-backed store holds, without a changelog."""
 
     def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
+        self.data: dict[str, bytes] = {}
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str) -> bytes | None:
         return self.data.get(key)
 
     def items(self) -> Any:
         return self.data.items()
 
-    def put(self, batch: list[Record], key: str, value: dict | None, partition: int) -> None:
+    def put(self, batch: list[Record], key: str, value: bytes | None, partition: int) -> None:
         if value is None:
             self.data.pop(key, None)
         else:
@@ -128,6 +128,6 @@ def replay(lines: Iterable[bytes], settings: Settings | None = None) -> ReplayRe
         for key, params in trainer.due(now).items():
             models.apply(key, params)
             result.records["model_params"].append(orjson.dumps({"key": key, "params": params}))
-    result.users = store.data
+    result.users = {key: orjson.loads(value) for key, value in store.data.items()}
     result.counts = outcomes
     return result

@@ -179,11 +179,23 @@ def next_due_ms(state: UserState, config: Config) -> int | None:
     """
     if state.profile is None:
         return None
-    last = state.profile.last_ms
-    due = [p.closes_at_ms + 1 for p in state.pending]
-    due.append(last + config.profile_ttl_ms + 1)
-    if state.lapse_done_ms != last:
-        due.extend(last + c.lapse_after_ms for c in config.campaigns if LAPSE in c.triggers)
+    return _due(state.profile.last_ms, state.lapse_done_ms, [p.closes_at_ms for p in state.pending], config)
+
+
+def stored_due_ms(d: dict[str, Any], config: Config) -> int | None:
+    """``next_due_ms`` of a stored state (``UserState.to_dict``) without building it: rebuilding the timer
+    index after a rebalance reads every user this worker holds."""
+    p = d.get("p")
+    if not p:
+        return None
+    return _due(p["l"], d["l"], [q[4] for q in d["q"]], config)
+
+
+def _due(last_ms: int, lapse_done_ms: int, closes: list[int], config: Config) -> int:
+    due = [c + 1 for c in closes]
+    due.append(last_ms + config.profile_ttl_ms + 1)
+    if lapse_done_ms != last_ms:
+        due.extend(last_ms + c.lapse_after_ms for c in config.campaigns if LAPSE in c.triggers)
     return min(due)
 
 

@@ -71,27 +71,24 @@ class Profile:
         return sum(1 for t in self.push_times if t > now_ms - window_ms)
 
     def to_dict(self) -> dict[str, Any]:
-        """Compact, JSON-ready form for the table (floats rounded: 6 significant digits)."""
+        """Compact, JSON-ready form for the state store: decayed quantities rounded to 4 decimals, money to
+        cents (enough for features and scores; keeps a profile's JSON small and the rounding cheap)."""
         return {
             "f": self.first_ms, "l": self.last_ms, "c": self.counts, "lt": self.last_type_ms,
-            "rs": _r(self.rate_short), "rl": _r(self.rate_long), "st": _r(self.spend_total),
-            "sd": _r(self.spend_decayed), "cat": {k: _r(v) for k, v in self.categories.items()},
-            "h": [_r(v) for v in self.hours], "tz": self.tz_offset_min, "s": self.seen,
+            "rs": round(self.rate_short, 4), "rl": round(self.rate_long, 4), "st": round(self.spend_total, 2),
+            "sd": round(self.spend_decayed, 2), "cat": {k: round(v, 4) for k, v in self.categories.items()},
+            "h": [round(v, 4) for v in self.hours], "tz": self.tz_offset_min, "s": self.seen,
             "lp": self.last_push_ms, "pt": self.push_times, "lo": self.last_outcome,
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
+        """The profile of ``to_dict``'s form; it takes over ``d``'s lists and dicts (decoded fresh per event)."""
         return cls(
-            first_ms=d["f"], last_ms=d["l"], counts=list(d["c"]), last_type_ms=list(d["lt"]),
-            rate_short=d["rs"], rate_long=d["rl"], spend_total=d["st"], spend_decayed=d["sd"],
-            categories=dict(d["cat"]), hours=list(d["h"]), tz_offset_min=d["tz"], seen=list(d["s"]),
-            last_push_ms=dict(d["lp"]), push_times=list(d["pt"]), last_outcome=d["lo"],
+            first_ms=d["f"], last_ms=d["l"], counts=d["c"], last_type_ms=d["lt"], rate_short=d["rs"],
+            rate_long=d["rl"], spend_total=d["st"], spend_decayed=d["sd"], categories=d["cat"], hours=d["h"],
+            tz_offset_min=d["tz"], seen=d["s"], last_push_ms=d["lp"], push_times=d["pt"], last_outcome=d["lo"],
         )  # fmt: skip
-
-
-def _r(v: float) -> float:
-    return float(f"{v:.6g}")
 
 
 def event_key(event_id: str) -> int:

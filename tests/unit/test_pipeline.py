@@ -114,3 +114,17 @@ def test_state_expires_after_the_ttl_of_event_time():
     assert tick(state, "u", NOON + CONFIG.profile_ttl_ms, MODELS, CONFIG)[0] is not None
     gone, out = tick(state, "u", NOON + CONFIG.profile_ttl_ms + 1, MODELS, CONFIG)
     assert gone is None and out.expired
+
+
+def test_the_due_time_of_a_stored_state_equals_that_of_the_state():
+    """The timer index is rebuilt from stored JSON without building states: both ways must agree."""
+    from stream_app.core.pipeline import next_due_ms, stored_due_ms
+
+    buyer = [Event("p1", "payment", "u", NOON - DAY_MS, amount=20.0, category="shoes"), *clicks()]
+    for events in (clicks(n=1), clicks(), buyer):
+        state, _ = feed(events)
+        for s in (state, tick(state, "u", NOON + 8 * DAY_MS, MODELS, CONFIG)[0]):
+            if s is not None:
+                stored = orjson.loads(orjson.dumps(s.to_dict()))
+                assert stored_due_ms(stored, CONFIG) == next_due_ms(s, CONFIG) is not None
+    assert stored_due_ms(set_consent(None, opted_out=True).to_dict(), CONFIG) is None
