@@ -15,7 +15,7 @@ event-time bounds); without it the event's own ``ts`` is used.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import orjson
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.pipeline import Config, Models
+from stream_app.core.policy import Campaign, Guardrails
 from stream_app.core.segments import SegmentModel
 from stream_app.core.trainer import Trainer
 from stream_app.engine import Engine, Message, ModelStore, Record
@@ -98,36 +99,81 @@ def to_message(line: bytes, offset: int, settings: Settings) -> Message:
     return Message(topic, 0, offset, None, value, ts if isinstance(ts, int) else 0)
 
 
-def replay(lines: Iterable[bytes], settings: Settings | None = None) -> ReplayResult:
-    """Run every line through the engine and an in-process trainer; collect what Kafka would carry."""
-    settings = (settings or Settings()).model_copy(update={"topic_partitions": 1})  # one partition, in order
-    campaigns, guardrails = load_campaigns(settings.campaigns_file or None)
-    config = Config(campaigns=campaigns, guardrails=guardrails)
-    models = ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
-    trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
-    store = DictStore()
-    engine = Engine(settings, config, store, models, Metrics.create())
-    result = ReplayResult()
-    name_of = {settings.decisions_topic: "decisions", settings.audit_topic: "audit",
-               settings.dead_letter_topic: "dead_letters", settings.model_inputs_topic: "model_inputs"}  # fmt: skip
-    outcomes: dict[str, int] = {}
-    for offset, line in enumerate(lines):
-        msg = to_message(line, offset, settings)
+class Replayer:
+    """The engine and an in-process trainer, stepped one input at a time (``replay`` and the simulator).
+
+    ``feed`` takes a file line (bytes) or an engine ``Message`` and returns the output records it caused,
+    as ``(name, value)`` pairs in emission order (``name`` in ``OUTPUTS``): the decisions, audit records,
+    dead letters and model inputs of the message, then the model versions the trainer published after it
+    (installed at once, so they score from the next message on). ``campaigns``/``guardrails`` override the
+    settings' campaign file; ``trainer_campaigns`` lets the trainer learn with another mode than the engine
+    decides with, and ``install`` replaces how a published version reaches the scoring models (the
+    evaluator wraps them); both default to what the worker does.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        campaigns: tuple[Campaign, ...] | None = None,
+        guardrails: Guardrails | None = None,
+        trainer_campaigns: tuple[Campaign, ...] | None = None,
+        models: ModelStore | None = None,
+        install: Callable[[str, dict], None] | None = None,
+        keep: bool = True,
+    ) -> None:
+        settings = (settings or Settings()).model_copy(update={"topic_partitions": 1})  # one partition, in order
+        if campaigns is None:
+            campaigns, loaded = load_campaigns(settings.campaigns_file or None)
+            guardrails = guardrails or loaded
+        self.settings = settings
+        self.config = Config(campaigns=campaigns, guardrails=guardrails or Guardrails())
+        self.models = models or ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
+        self.trainer = Trainer(trainer_campaigns or campaigns, settings.segments_k, settings.model_publish_interval_ms)
+        self.store = DictStore()
+        self.engine = Engine(settings, self.config, self.store, self.models, Metrics.create())
+        self.install = install or self.models.apply
+        self.result = ReplayResult() if keep else None
+        self.outcomes: dict[str, int] = {}
+        self.offset = 0
+        s = settings
+        self.name_of = {s.decisions_topic: "decisions", s.audit_topic: "audit", s.dead_letter_topic: "dead_letters",
+                        s.model_inputs_topic: "model_inputs"}  # fmt: skip
+
+    def feed(self, item: bytes | Message) -> list[tuple[str, bytes]]:
+        """One input: run it through the engine, teach the trainer, install what it publishes."""
+        msg = item if isinstance(item, Message) else to_message(item, self.offset, self.settings)
+        self.offset += 1
         batch: list[Record] = []
-        handle = engine.on_consent if msg.topic == settings.consent_topic else engine.on_event
+        handle = self.engine.on_consent if msg.topic == self.settings.consent_topic else self.engine.on_event
         outcome, _ = handle(batch, msg)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        now = msg.timestamp_ms
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        out: list[tuple[str, bytes]] = []
         for topic, _key, value, _partition in batch:
-            name = name_of.get(topic)
+            name = self.name_of.get(topic)
             if name is None or value is None:
                 continue  # state changelog records: the store already holds the state
-            result.records[name].append(value)
+            out.append((name, value))
             if name == "model_inputs":
-                trainer.learn(orjson.loads(value))
-        for key, params in trainer.due(now).items():
-            models.apply(key, params)
-            result.records["model_params"].append(orjson.dumps({"key": key, "params": params}))
-    result.users = {key: orjson.loads(value) for key, value in store.data.items()}
-    result.counts = outcomes
-    return result
+                self.trainer.learn(orjson.loads(value))
+        for key, params in self.trainer.due(msg.timestamp_ms).items():
+            self.install(key, params)
+            out.append(("model_params", orjson.dumps({"key": key, "params": params})))
+        if self.result is not None:
+            for name, value in out:
+                self.result.records[name].append(value)
+        return out
+
+    def finish(self) -> ReplayResult:
+        result = self.result or ReplayResult()
+        result.users = {key: orjson.loads(value) for key, value in self.store.data.items()}
+        result.counts = self.outcomes
+        return result
+
+
+def replay(lines: Iterable[bytes], settings: Settings | None = None) -> ReplayResult:
+    """Run every line through the engine and an in-process trainer; collect what Kafka would carry."""
+    replayer = Replayer(settings)
+    for line in lines:
+        replayer.feed(line)
+    return replayer.finish()
