@@ -274,5 +274,52 @@ def replay_cmd(events: Path, out_dir: Path) -> None:
     click.echo(f"outcomes: {dict(sorted(result.counts.items()))}; users held: {len(result.users)}")
 
 
+@main.command("simulate")
+@click.option("--users", default=2000, show_default=True, help="simulated users")
+@click.option("--days", default=28, show_default=True, help="simulated days of event time")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write replay envelopes to this .jsonl or .jsonl.gz file")  # fmt: skip
+@click.option("--kafka", "to_kafka", is_flag=True, help="produce to the configured input and consent topics")
+@click.option("--rate", default=0.0, show_default=True, help="--kafka: messages per second (0: as fast as possible)")
+@click.option("--t0-ms", type=int, default=None,
+              help="start of simulated time, epoch ms (default: a fixed date for files; for --kafka, --days "
+                   "before today 00:00 UTC, so event times stay within the worker's skew bounds)")  # fmt: skip
+def simulate_cmd(users: int, days: int, seed: int, out: Path | None, to_kafka: bool, rate: float,
+                 t0_ms: int | None) -> None:  # fmt: skip
+    """Generate a seeded synthetic population's events (open loop: nobody reacts to pushes).
+
+    For the closed loop (the simulator reacting to decisions) see `stream-app evaluate`.
+    """
+    import gzip
+
+    from stream_app.sim.simulator import T0_MS, SimConfig, Simulator
+
+    if (out is None) == (not to_kafka):
+        raise click.UsageError("give exactly one of --out FILE or --kafka")
+    if t0_ms is None:
+        t0_ms = T0_MS if out is not None else (int(time.time() * 1000) // 86_400_000 - days) * 86_400_000
+    sim = Simulator(SimConfig(users=users, days=days, seed=seed, t0_ms=t0_ms), deliver=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        opener = gzip.open if out.suffix == ".gz" else open
+        with opener(out, "wb") as f:
+            n = 0
+            for envelope in sim:
+                f.write(orjson.dumps(envelope) + b"\n")
+                n += 1
+        click.echo(f"wrote {n} messages to {out}")
+    else:
+        from stream_app.sim.kafka import produce_envelopes
+
+        s = _settings()
+        t = time.monotonic()
+        n = asyncio.run(produce_envelopes(sim, s, rate))
+        took = time.monotonic() - t
+        click.echo(f"produced {n} messages to {s.bootstrap_servers} in {took:.1f}s ({n / max(took, 1e-9):.0f}/s)")
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(sim.counts.items()))
+    click.echo(f"{users} users, {days} days, seed {seed}: {counts}")
+
+
 if __name__ == "__main__":
     main()

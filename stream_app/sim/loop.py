@@ -1,0 +1,255 @@
+"""The closed loop: the simulator's events through the replay engine and trainer, the decisions back.
+
+Policies compared at equal push volume. Every policy runs through the same engine, campaign, guardrails,
+holdout and exploration; only the score differs, and the score is a **rank**: the percentile of the
+policy's raw score among its own last ``RANK_WINDOW`` candidates (eligible triggers). The campaign's
+threshold is ``1 - push_rate`` (and its cold-start exploration share ``push_rate``), so every policy
+pushes the top ``push_rate`` of its candidates by its own criterion:
+
+- ``none``: the simulator delivers no push (the organic baseline; the engine is not even needed);
+- ``random``: a seeded uniform draw;
+- ``propensity``: P(convert | push) from the campaign's model learned on all its labels (the product's
+  ``propensity`` mode);
+- ``uplift``: P(convert | push) - P(convert | no push) from the treated and control models (``uplift`` mode);
+- ``oracle``: the true uplift of the user at the push's delivery time, from the simulator.
+
+Guardrails (cooldown, frequency cap, minimum gap, quiet hours) and opted-out users then suppress some of
+the chosen pushes, so realised volumes differ a little; the report shows them and normalises per push.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_app.campaigns import parse_rule
+from stream_app.core.features import extract_features
+from stream_app.core.pipeline import Models
+from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms
+from stream_app.core.profile import DAY_MS, HOUR_MS, Profile
+from stream_app.core.propensity import PropensityScorer
+from stream_app.core.segments import SegmentModel
+from stream_app.core.trainer import SEGMENTS_KEY, control_key, propensity_key
+from stream_app.engine import ModelStore
+from stream_app.replay import Replayer
+from stream_app.settings import Settings
+from stream_app.sim.simulator import SimConfig, Simulator
+from stream_app.sim.stats import adjusted_rand_index
+
+POLICIES = ("none", "random", "propensity", "uplift", "oracle")
+RANK_WINDOW = 2000
+CAMPAIGN = "cart_abandonment"
+
+
+def eval_campaign(push_rate: float, mode: str = "propensity") -> Campaign:
+    """The evaluated campaign: the shipped cart-abandonment campaign, its threshold a rank (see module doc)."""
+    return Campaign(
+        name=CAMPAIGN, triggers=("click",), priority=3,
+        eligibility=(parse_rule("clicks >= 3"), parse_rule("hours_since_payment >= 24")),
+        attribution_window_ms=24 * HOUR_MS, threshold=1 - push_rate, cooldown_ms=48 * HOUR_MS, holdout_share=0.1,
+        exploration_share=0.05, cold_start_share=push_rate, prior=0.03, min_labels=200, mode=mode,
+    )  # fmt: skip
+
+
+class RankScorer:
+    """Duck-types ``PropensityScorer`` for ``policy.decide``: the score is the percentile of a raw score.
+
+    Stateful on purpose (the window of recent raw scores); the evaluation runs it in one process, in
+    event-time order, so a run stays deterministic.
+    """
+
+    def __init__(self, raw: Callable[[Sequence[float]], float], warm: Callable[[], bool],
+                 info: Callable[[], PropensityScorer], window: int = RANK_WINDOW) -> None:  # fmt: skip
+        self.raw, self.warm, self.info, self.window = raw, warm, info, window
+        self.sorted: list[float] = []
+        self.fifo: deque[float] = deque()
+        self.last_raw = float("nan")
+
+    @property
+    def is_warm(self) -> bool:
+        return self.warm()
+
+    @property
+    def version(self) -> int:
+        return self.info().version
+
+    @property
+    def n_labels(self) -> int:
+        return self.info().n_labels
+
+    def predict_one(self, x: Sequence[float]) -> float:
+        s = self.raw(x)
+        self.last_raw = s
+        rank = bisect.bisect_left(self.sorted, s) / len(self.sorted) if self.sorted else 0.0
+        bisect.insort(self.sorted, s)
+        self.fifo.append(s)
+        if len(self.fifo) > self.window:
+            old = self.fifo.popleft()
+            del self.sorted[bisect.bisect_left(self.sorted, old)]
+        return rank
+
+    def contributions(self, x: Sequence[float], top: int = 3) -> list[tuple[str, float]]:
+        return []
+
+
+@dataclass
+class RunResult:
+    """What one closed-loop run measured (plain arrays: cheap to send between processes)."""
+
+    policy: str
+    seed: int
+    counts: dict[str, int]
+    payments: np.ndarray  # per user
+    pushes: np.ndarray  # per user, delivered
+    opted_out: np.ndarray  # per user, bool
+    types: np.ndarray  # per user, latent type index
+    decisions: dict[str, np.ndarray] = field(default_factory=dict)  # push and holdout decisions
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # labels with the served model's score
+    segments: dict[str, list[float]] = field(default_factory=dict)  # per day: ARI vs types, vs the day before
+    events: int = 0
+    seconds: float = 0.0
+
+
+def run(policy: str, config: SimConfig, push_rate: float = 0.2, settings: Settings | None = None,
+        segments_every_day: bool = False) -> RunResult:  # fmt: skip
+    """One closed-loop simulation of ``policy``."""
+    import time
+
+    t_start = time.perf_counter()
+    campaign = eval_campaign(push_rate)
+    sim = Simulator(config, deliver=policy != "none", windows={CAMPAIGN: campaign.attribution_window_ms})
+    if policy == "none":
+        n = sum(1 for _ in sim)
+        return _result(policy, config, sim, n, t_start)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
+    guardrails = Guardrails()
+    treated = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
+    control = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
+    context: dict[str, Any] = {"user": None, "ts": 0}
+    rng = random.Random(f"policy:{config.seed}")
+
+    def oracle(_x: Sequence[float]) -> float:
+        user = sim.by_id[context["user"]]
+        at = next_allowed_ms(context["ts"], user.tz_offset_min, guardrails)
+        p1, p0 = sim.probabilities(user, at, campaign.attribution_window_ms)
+        return p1 - p0
+
+    raws: dict[str, Callable[[Sequence[float]], float]] = {
+        "random": lambda _x: rng.random(),
+        "propensity": lambda x: treated["s"].predict_one(x),
+        "uplift": lambda x: treated["s"].predict_one(x) - control["s"].predict_one(x),
+        "oracle": oracle,
+    }
+    warm = {"propensity": lambda: treated["s"].is_warm,
+            "uplift": lambda: treated["s"].is_warm and control["s"].is_warm}.get(policy, lambda: True)  # fmt: skip
+    scorer = RankScorer(raws[policy], warm, lambda: treated["s"])
+    store = ModelStore(Models(SegmentModel(k=(settings or Settings()).segments_k), {CAMPAIGN: scorer}))  # type: ignore[dict-item]
+
+    def install(key: str, params: dict) -> None:
+        if key == SEGMENTS_KEY:
+            store.apply(key, params)
+        elif key == propensity_key(CAMPAIGN):
+            treated["s"] = PropensityScorer.from_params(params)
+        elif key == control_key(CAMPAIGN):
+            control["s"] = PropensityScorer.from_params(params)
+
+    trainer_mode = "uplift" if policy == "uplift" else "propensity"
+    replayer = Replayer(settings, campaigns=(campaign,), guardrails=guardrails,
+                        trainer_campaigns=(eval_campaign(push_rate, trainer_mode),), models=store, install=install,
+                        keep=False)  # fmt: skip
+    decisions: list[tuple] = []
+    labels: list[tuple] = []
+    seg_days: dict[str, list[float]] = {"day": [], "ari_types": [], "ari_previous": []}
+    previous: dict[str, int] | None = None
+    next_day = config.t0_ms + DAY_MS
+    n = 0
+    for envelope in sim:
+        ts = envelope["timestamp_ms"]
+        if segments_every_day and ts >= next_day:
+            current = _assign_segments(replayer, store, next_day)
+            day = (next_day - config.t0_ms) // DAY_MS
+            seg_days["day"].append(day)
+            seg_days["ari_types"].append(_ari_vs_types(current, sim))
+            seg_days["ari_previous"].append(_ari_between(previous, current))
+            previous, next_day = current, next_day + DAY_MS
+        value = envelope["value"]
+        context["user"] = value.get("user_id") if isinstance(value, dict) else None
+        context["ts"] = ts
+        served = treated["s"], control["s"]  # the versions that score this message's labels (progressive)
+        for name, record in replayer.feed(orjson.dumps(envelope)):
+            if name == "audit":
+                d = orjson.loads(record)
+                truth = sim.observe(d)
+                if truth is not None:
+                    user = int(truth.user_id[1:])
+                    decisions.append((truth.decided_at_ms, truth.action == "push", truth.p_push, truth.p_no,
+                                      scorer.last_raw, d["score"], truth.type_index, user))  # fmt: skip
+            elif name == "model_inputs" and record.startswith(b'{"kind":"label"'):
+                lab = orjson.loads(record)
+                truth = sim.truths.get(lab["decision_id"])
+                if truth is None:
+                    continue
+                pushed = lab["action"] == "push"
+                model = served[0] if pushed or policy != "uplift" else served[1]
+                labels.append((lab["decided_at_ms"], lab["labelled_at_ms"], pushed, lab["converted"],
+                               model.predict_one(lab["features"]), truth.p_push if pushed else truth.p_no,
+                               truth.uplift, truth.score, int(truth.user_id[1:]), model.is_warm))  # fmt: skip
+        n += 1
+    result = _result(policy, config, sim, n, t_start)
+    cols = ("decided_at_ms", "pushed", "p_push", "p_no", "raw", "rank", "type", "user")
+    result.decisions = {c: np.asarray([d[i] for d in decisions]) for i, c in enumerate(cols)}
+    cols = ("decided_at_ms", "labelled_at_ms", "pushed", "converted", "model", "true_p", "true_uplift", "rank",
+            "user", "warm")  # fmt: skip
+    result.labels = {c: np.asarray([x[i] for x in labels]) for i, c in enumerate(cols)}
+    result.segments = seg_days
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _result(policy: str, config: SimConfig, sim: Simulator, n: int, t_start: float) -> RunResult:
+    import time
+
+    return RunResult(
+        policy=policy, seed=config.seed, counts=dict(sim.counts),
+        payments=np.asarray([d.payments for d in sim.dynamics]),
+        pushes=np.asarray([len(d.pushes) for d in sim.dynamics]),
+        opted_out=np.asarray([d.opted_out for d in sim.dynamics]),
+        types=np.asarray([u.type_index for u in sim.users]), events=n, seconds=time.perf_counter() - t_start,
+    )  # fmt: skip
+
+
+def _assign_segments(replayer: Replayer, store: ModelStore, now_ms: int) -> dict[str, int]:
+    """Every known user's segment under the current segment model, from their profile as of ``now_ms``."""
+    model = store.current.segments
+    out = {}
+    for user_id, raw in replayer.store.data.items():
+        d = orjson.loads(raw)
+        if not isinstance(d, dict) or not d.get("p"):
+            continue
+        profile = Profile.from_dict(d["p"])
+        out[user_id] = model.predict_one(extract_features(profile, max(now_ms, profile.last_ms)))
+    return out
+
+
+def _ari_vs_types(assigned: dict[str, int], sim: Simulator) -> float:
+    pairs = [(seg, sim.by_id[u].type_index) for u, seg in assigned.items() if seg >= 0]
+    if len(pairs) < 2:
+        return float("nan")
+    return adjusted_rand_index([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def _ari_between(old: dict[str, int] | None, new: dict[str, int]) -> float:
+    if not old:
+        return float("nan")
+    common = [u for u in new if u in old and old[u] >= 0 and new[u] >= 0]
+    if len(common) < 2:
+        return float("nan")
+    return adjusted_rand_index([old[u] for u in common], [new[u] for u in common])

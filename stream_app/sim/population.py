@@ -1,0 +1,193 @@
+"""The simulated population: latent user types, per-user traits, and the ground truth of push effects.
+
+Everything here is a pure function of its arguments (a seeded ``random.Random`` is passed in). The
+pipeline never sees any of it: it only sees the events the simulator emits.
+
+Model (also in the README, "Simulator"):
+
+- Six latent **types** differ in activity (browsing events per day), like/click mix, preferred categories,
+  order value, time zone, active hours (one or two local peaks) and organic payment rate. Users of a type
+  vary around it (log-normal activity and payment-rate multipliers, their own favourite category), so
+  types overlap in feature space: recoverable, not trivially.
+- Each user has a **response** class to pushes, drawn from the type's mix:
+  ``persuadable`` (a push converts them with probability ``lift``), ``sure_thing`` (high organic rate,
+  almost no lift), ``lost_cause`` (low organic rate, no lift) and ``annoyed`` (no lift; a push lowers
+  their organic payment rate by ``annoyance`` for 7 days and they opt out more often).
+- Pushes **hurt at night** (local 22:00-08:00: lift x 0.3, opt-out x 3) and **when frequent** (lift x
+  0.6 per push delivered in the previous 7 days; opt-out probability x (1 + that count)^2).
+- A push-caused conversion is a click on the push after a log-normal delay (median 40 min) and a payment
+  after another (median 15 min), both carrying the push's ``push_id``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from stream_app.core.profile import DAY_MS, local_hour
+
+CATEGORIES = ("electronics", "games", "fashion", "beauty", "home", "grocery", "books", "sports", "toys", "travel")
+RESPONSES = ("persuadable", "sure_thing", "lost_cause", "annoyed")
+
+ANNOYANCE_MS = 7 * DAY_MS  # an annoyed user's organic rate stays lowered this long after a push
+FATIGUE_WINDOW_MS = 7 * DAY_MS  # pushes in this window before a push weaken it and raise opt-outs
+FATIGUE = 0.6  # lift multiplier per recent push
+NIGHT_LIFT, NIGHT_OPT_OUT = 0.3, 3.0  # local 22:00-08:00
+CLICK_DELAY_MEDIAN_MS, CLICK_DELAY_SIGMA = 40 * 60_000, 1.0  # push -> click on it (log-normal)
+PAY_DELAY_MEDIAN_MS, PAY_DELAY_SIGMA = 15 * 60_000, 0.7  # click on the push -> payment
+
+
+@dataclass(frozen=True)
+class UserType:
+    name: str
+    share: float
+    browse_per_day: float  # clicks + likes per day
+    like_share: float
+    categories: tuple[tuple[str, float], ...]
+    spend_median: float  # order value, EUR
+    tz_offsets: tuple[int, ...]  # minutes east of UTC
+    peak_hours: tuple[float, ...]  # local hours of activity peaks
+    hour_spread: float  # std of the local hour around a peak
+    pay_per_day: float  # organic payments per day (before the user's multipliers)
+    responses: tuple[float, float, float, float]  # shares of RESPONSES
+    weekend_boost: float = 1.0  # browsing multiplier on Saturdays and Sundays
+
+
+TYPES: tuple[UserType, ...] = (
+    UserType("deal_hunter", 0.22, 6.0, 0.15, (("electronics", 0.4), ("home", 0.3), ("toys", 0.3)), 25.0,
+             (0, 60, 120), (12.5, 20.0), 2.0, 0.012, (0.55, 0.05, 0.25, 0.15)),
+    UserType("loyal_buyer", 0.14, 3.0, 0.2, (("grocery", 0.5), ("home", 0.3), ("beauty", 0.2)), 70.0,
+             (0, 60), (9.0, 18.0), 1.5, 0.07, (0.15, 0.6, 0.05, 0.2)),
+    UserType("night_gamer", 0.18, 8.0, 0.4, (("games", 0.7), ("electronics", 0.3)), 15.0,
+             (-300, -360, -480), (23.0,), 1.5, 0.015, (0.15, 0.05, 0.3, 0.5)),
+    UserType("fashionista", 0.16, 4.0, 0.5, (("fashion", 0.6), ("beauty", 0.4)), 55.0,
+             (60, 120, 180), (13.0, 21.0), 2.0, 0.03, (0.35, 0.25, 0.2, 0.2)),
+    UserType("casual_reader", 0.18, 1.2, 0.3, (("books", 0.6), ("travel", 0.2), ("sports", 0.2)), 20.0,
+             (330, 480, 540), (7.5, 21.5), 1.5, 0.008, (0.2, 0.1, 0.6, 0.1)),
+    UserType("weekend_athlete", 0.12, 2.5, 0.25, (("sports", 0.6), ("travel", 0.4)), 90.0,
+             (-300, -180, 0), (10.0, 17.0), 3.0, 0.02, (0.3, 0.2, 0.3, 0.2), weekend_boost=2.0),
+)  # fmt: skip
+
+RESPONSE_PAY_MULT = {"persuadable": 0.8, "sure_thing": 2.5, "lost_cause": 0.3, "annoyed": 1.0}
+
+
+@dataclass(frozen=True)
+class User:
+    """One simulated user's latent traits (ground truth; never in an event)."""
+
+    user_id: str
+    index: int
+    type_index: int
+    response: str
+    activity: float  # browsing multiplier
+    pay_per_day: float  # organic payment rate
+    lift: float  # probability a (day-time, first-in-a-week) push converts
+    annoyance: float  # organic rate reduction after a push (annoyed users)
+    opt_out_base: float  # opt-out probability per push before fatigue and night
+    tz_offset_min: int
+    favourite: str  # favourite category
+    spend_median: float
+
+    @property
+    def type(self) -> UserType:
+        return TYPES[self.type_index]
+
+
+def make_user(index: int, rng: random.Random, types: tuple[UserType, ...] = TYPES) -> User:
+    """Draw one user's traits.
+
+    >>> u = make_user(0, random.Random(1))
+    >>> u.user_id, u.response in RESPONSES, 0 <= u.lift < 1
+    ('u00000', True, True)
+    """
+    t = rng.choices(range(len(types)), weights=[x.share for x in types])[0]
+    ut = types[t]
+    response = rng.choices(RESPONSES, weights=ut.responses)[0]
+    lift = {"persuadable": rng.uniform(0.08, 0.3), "sure_thing": rng.uniform(0.0, 0.02)}.get(response, 0.0)
+    annoyance = rng.uniform(0.3, 0.7) if response == "annoyed" else 0.0
+    opt_out = 0.04 if response == "annoyed" else 0.004
+    cats, weights = zip(*ut.categories, strict=True)
+    favourite = rng.choices(cats, weights=weights)[0]
+    return User(
+        user_id=f"u{index:05d}", index=index, type_index=t, response=response,
+        activity=rng.lognormvariate(0.0, 0.5), pay_per_day=ut.pay_per_day * rng.lognormvariate(0.0, 0.5)
+        * RESPONSE_PAY_MULT[response], lift=lift, annoyance=annoyance, opt_out_base=opt_out,
+        tz_offset_min=rng.choice(ut.tz_offsets), favourite=favourite,
+        spend_median=ut.spend_median * rng.lognormvariate(0.0, 0.3),
+    )  # fmt: skip
+
+
+def make_population(n_users: int, seed: int, types: tuple[UserType, ...] = TYPES) -> list[User]:
+    rng = random.Random(f"population:{seed}")
+    return [make_user(i, rng, types) for i in range(n_users)]
+
+
+def is_night(ts_ms: int, tz_offset_min: int) -> bool:
+    """Local 22:00-08:00.
+
+    >>> hour = 3_600_000
+    >>> is_night(23 * hour, 0), is_night(12 * hour, 0), is_night(12 * hour, 660)
+    (True, False, True)
+    """
+    h = local_hour(ts_ms, tz_offset_min)
+    return h >= 22 or h < 8
+
+
+def push_effect(user: User, at_ms: int, recent_pushes: int) -> tuple[float, float]:
+    """(lift, opt-out probability) of a push delivered at ``at_ms`` after ``recent_pushes`` in 7 days."""
+    lift = user.lift * FATIGUE**recent_pushes
+    opt_out = user.opt_out_base * (1 + recent_pushes) ** 2
+    if is_night(at_ms, user.tz_offset_min):
+        lift *= NIGHT_LIFT
+        opt_out *= NIGHT_OPT_OUT
+    return lift, min(opt_out, 1.0)
+
+
+def lognormal_cdf(x_ms: float, median_ms: float, sigma: float) -> float:
+    """P(delay <= x) for a log-normal delay.
+
+    >>> round(lognormal_cdf(40 * 60_000, 40 * 60_000, 1.0), 3)
+    0.5
+    """
+    if x_ms <= 0:
+        return 0.0
+    return 0.5 * (1 + math.erf(math.log(x_ms / median_ms) / (sigma * math.sqrt(2))))
+
+
+def organic_exposure(user: User, start_ms: int, window_ms: int, annoyed_until_ms: int) -> float:
+    """Expected organic payments in ``[start, start + window]``, given annoyance lasting until a time.
+
+    Active hours shape when payments happen, not how many per day, so over whole days the rate is flat.
+    """
+    end = start_ms + window_ms
+    dampened = max(0, min(end, annoyed_until_ms) - start_ms) if user.annoyance else 0
+    days = (window_ms - dampened * user.annoyance) / DAY_MS
+    return user.pay_per_day * days
+
+
+def conversion_probabilities(
+    user: User, at_ms: int, window_ms: int, annoyed_until_ms: int, recent_pushes: int
+) -> tuple[float, float]:
+    """True (P(convert | push at ``at_ms``), P(convert | no push)) within an attribution window.
+
+    "Convert" is what a label counts: a payment, or a click on the push, inside the window.
+
+    >>> u = make_user(0, random.Random(1))
+    >>> p1, p0 = conversion_probabilities(u, 12 * 3_600_000, DAY_MS, -1, 0)
+    >>> 0 <= p0 < 1 and 0 <= p1 < 1
+    True
+    """
+    p_no = 1 - math.exp(-organic_exposure(user, at_ms, window_ms, annoyed_until_ms))
+    until = max(annoyed_until_ms, at_ms + ANNOYANCE_MS) if user.annoyance else annoyed_until_ms
+    organic = 1 - math.exp(-organic_exposure(user, at_ms, window_ms, until))
+    lift, _ = push_effect(user, at_ms, recent_pushes)
+    lift *= lognormal_cdf(window_ms, CLICK_DELAY_MEDIAN_MS, CLICK_DELAY_SIGMA)
+    p_push = 1 - (1 - organic) * (1 - lift)
+    return p_push, p_no
+
+
+__all__ = [
+    "CATEGORIES", "RESPONSES", "TYPES", "User", "UserType", "conversion_probabilities", "is_night",
+    "make_population", "make_user", "push_effect",
+]  # fmt: skip
