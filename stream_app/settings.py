@@ -36,6 +36,8 @@ class Settings(BaseSettings):
         "become visible to read_committed consumers at commit, so this bounds decision latency",
     )
     producer_linger_ms: int = Field(5, ge=0, le=1000, description="batch outputs this long before a produce request")
+    batch_max_events: int = Field(500, ge=1, le=100_000, description="events the agent takes per batch, at most")
+    batch_within_ms: int = Field(5, ge=0, le=10_000, description="wait at most this long to fill a batch")
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
 
     clicks_topic: str = "clicks"

@@ -80,6 +80,8 @@ def test_worker_builds_profiles_and_recovers_them_after_restart(
         wait_until(lambda: consumed_total(port) >= 0, 90, proc, log, "the restarted worker's web server")
         asyncio.run(produce(kafka_bootstrap, [(topic[k], key, v) for k, key, v in second]))
         wait_until(lambda: consumed_total(port) >= len(second), 60, proc, log, "all events of run 2")
+        # processed is not yet written: a batch's records are sent, then its offsets committed
+        wait_until(lambda: lag() == 0, 60, proc, log, "offsets of run 2 committed")
         reconsumed = consumed_total(port) + duplicates(port) - len(second)
     # Redelivery after a restart is normal Kafka behaviour (an aborted last transaction under exactly_once,
     # a rebalance before the first commit under at_least_once); the event-id dedup makes it harmless.
