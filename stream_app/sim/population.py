@@ -14,7 +14,7 @@ Model (also in the README, "Simulator"):
   almost no lift), ``lost_cause`` (low organic rate, no lift) and ``annoyed`` (no lift; a push lowers
   their organic payment rate by ``annoyance`` for 7 days and they opt out more often).
 - Pushes **hurt at night** (local 22:00-08:00: lift x 0.3, opt-out x 3) and **when frequent** (lift x
-  0.6 per push delivered in the previous 7 days; opt-out probability x (1 + that count)^2).
+  0.6 per push delivered in the previous 7 days; opt-out probability x (1 + that count)).
 - A push-caused conversion is a click on the push after a log-normal delay (median 40 min) and a payment
   after another (median 15 min), both carrying the push's ``push_id``.
 """
@@ -106,7 +106,7 @@ def make_user(index: int, rng: random.Random, types: tuple[UserType, ...] = TYPE
     response = rng.choices(RESPONSES, weights=ut.responses)[0]
     lift = {"persuadable": rng.uniform(0.08, 0.3), "sure_thing": rng.uniform(0.0, 0.02)}.get(response, 0.0)
     annoyance = rng.uniform(0.3, 0.7) if response == "annoyed" else 0.0
-    opt_out = 0.04 if response == "annoyed" else 0.004
+    opt_out = 0.02 if response == "annoyed" else 0.002
     cats, weights = zip(*ut.categories, strict=True)
     favourite = rng.choices(cats, weights=weights)[0]
     return User(
@@ -137,7 +137,7 @@ def is_night(ts_ms: int, tz_offset_min: int) -> bool:
 def push_effect(user: User, at_ms: int, recent_pushes: int) -> tuple[float, float]:
     """(lift, opt-out probability) of a push delivered at ``at_ms`` after ``recent_pushes`` in 7 days."""
     lift = user.lift * FATIGUE**recent_pushes
-    opt_out = user.opt_out_base * (1 + recent_pushes) ** 2
+    opt_out = user.opt_out_base * (1 + recent_pushes)
     if is_night(at_ms, user.tz_offset_min):
         lift *= NIGHT_LIFT
         opt_out *= NIGHT_OPT_OUT

@@ -13,7 +13,7 @@ from stream_app.cli import main
 from stream_app.core.profile import DAY_MS
 from stream_app.replay import replay
 from stream_app.sim.loop import run
-from stream_app.sim.population import RESPONSES, TYPES, conversion_probabilities, make_population
+from stream_app.sim.population import RESPONSES, TYPES, conversion_probabilities, make_population, push_effect
 from stream_app.sim.simulator import SimConfig, Simulator
 from stream_app.sim.stats import adjusted_rand_index, roc_auc
 
@@ -77,13 +77,15 @@ def test_population_has_every_type_and_response_and_heterogeneous_push_effects()
     tired, _ = conversion_probabilities(u, day, DAY_MS, -1, 3)
     night, _ = conversion_probabilities(u, day + 12 * 3_600_000, DAY_MS, -1, 0)
     assert fresh > tired and fresh > night  # frequent and night-time pushes work less
+    annoyed = next(x for x in users if x.response == "annoyed")
+    assert push_effect(annoyed, day, 0)[1] < push_effect(annoyed, day, 3)[1]  # opt-outs rise with frequency
 
 
 def test_closed_loop_reacts_to_decisions_and_keeps_the_truth():
     config = SimConfig(users=250, days=8, seed=2)
-    none, pushed = run("none", config), run("oracle", config)
+    none, pushed = run("none", config), run("oracle", config, push_rate=0.3)
     assert none.counts.get("pushes_delivered", 0) == 0 and pushed.counts["pushes_delivered"] > 50
-    assert pushed.counts["push_conversions"] > 0 and pushed.counts["opt_outs"] > 0
+    assert pushed.counts["push_conversions"] > 0
     assert pushed.payments.sum() > none.payments.sum()  # the oracle's pushes add conversions
     d = pushed.decisions
     assert len(d["pushed"]) and set(np.unique(d["type"])) <= set(range(len(TYPES)))
@@ -133,3 +135,20 @@ def test_simulate_cli_writes_a_replayable_file(tmp_path):
     lines = replay([line for line in __import__("gzip").open(out).read().splitlines() if line])
     assert lines.counts["applied"] > 100
     assert CliRunner().invoke(main, ["simulate", "--users", "3"]).exit_code != 0  # --out or --kafka
+
+
+def test_evaluate_quick_writes_the_report(tmp_path):
+    res = CliRunner().invoke(main, ["evaluate", "--quick", "--out", str(tmp_path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"report.md", "summary.json", "policies.png", "propensity.png", "uplift.png"} <= names
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## Targets", "## Policies at equal push volume", "## Propensity model against the ground truth",
+                    "## Segments against the latent types", "## Holdout-based uplift estimate",
+                    "## The propensity learner on a public dataset", "Bayes-optimal", "adjusted Rand"):  # fmt: skip
+        assert section.lower() in report.lower(), section
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["volume"]) == {"none", "random", "propensity", "uplift", "oracle"}
+    assert len(summary["targets"]) == 6
+    assert summary["phishing"]["documented_setup"]["accuracy"] == pytest.approx(0.8896, abs=1e-4)  # River's number
