@@ -14,7 +14,10 @@ pushes the top ``push_rate`` of its candidates by its own criterion:
 - ``oracle``: the true uplift of the user at the push's delivery time, from the simulator.
 
 Guardrails (cooldown, frequency cap, minimum gap, quiet hours) and opted-out users then suppress some of
-the chosen pushes, so realised volumes differ a little; the report shows them and normalises per push.
+the chosen pushes, more for a policy that keeps choosing the same users. So each policy's rank also carries
+a bias, steered by a feedback loop (once its model is warm) until the share of its non-holdout decisions
+that are pushes equals ``push_rate``: delivered volumes come out nearly equal, and the report normalises
+per push anyway.
 """
 
 from __future__ import annotations
@@ -70,11 +73,19 @@ class RankScorer:
     """
 
     def __init__(self, raw: Callable[[Sequence[float]], float], warm: Callable[[], bool],
-                 info: Callable[[], PropensityScorer], window: int = RANK_WINDOW) -> None:  # fmt: skip
+                 info: Callable[[], PropensityScorer], target: float, window: int = RANK_WINDOW,
+                 gain: float = 0.01) -> None:  # fmt: skip
         self.raw, self.warm, self.info, self.window = raw, warm, info, window
+        self.target, self.gain = target, gain
+        self.bias = 0.0  # added to the rank so that the realised push share meets the target
         self.sorted: list[float] = []
         self.fifo: deque[float] = deque()
         self.last_raw = float("nan")
+
+    def observe(self, pushed: bool) -> None:
+        """Feedback from one non-holdout decision: raise the bias while pushes fall short of the target."""
+        if self.warm():
+            self.bias = min(max(self.bias + self.gain * (self.target - pushed), -1.0), 1.0)
 
     @property
     def is_warm(self) -> bool:
@@ -97,7 +108,7 @@ class RankScorer:
         if len(self.fifo) > self.window:
             old = self.fifo.popleft()
             del self.sorted[bisect.bisect_left(self.sorted, old)]
-        return rank
+        return min(max(rank + self.bias, 0.0), 1.0)
 
     def contributions(self, x: Sequence[float], top: int = 3) -> list[tuple[str, float]]:
         return []
@@ -154,7 +165,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     }
     warm = {"propensity": lambda: treated["s"].is_warm,
             "uplift": lambda: treated["s"].is_warm and control["s"].is_warm}.get(policy, lambda: True)  # fmt: skip
-    scorer = RankScorer(raws[policy], warm, lambda: treated["s"])
+    scorer = RankScorer(raws[policy], warm, lambda: treated["s"], target=push_rate)
     store = ModelStore(Models(SegmentModel(k=(settings or Settings()).segments_k), {CAMPAIGN: scorer}))  # type: ignore[dict-item]
 
     def install(key: str, params: dict) -> None:
@@ -191,6 +202,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         for name, record in replayer.feed(orjson.dumps(envelope)):
             if name == "audit":
                 d = orjson.loads(record)
+                if d["action"] != "holdout":
+                    scorer.observe(d["action"] == "push")
                 truth = sim.observe(d)
                 if truth is not None:
                     user = int(truth.user_id[1:])
