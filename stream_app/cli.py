@@ -337,7 +337,7 @@ def simulate_cmd(users: int, days: int, seed: int, out: Path | None, to_kafka: b
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/evaluation"),
               show_default=True, help="directory for report.md, summary.json and the PNG plots")  # fmt: skip
 @click.option("--seeds", default="1,2,3", show_default=True, help="comma-separated simulation seeds")
-@click.option("--users", default=2000, show_default=True)
+@click.option("--users", default=1500, show_default=True)
 @click.option("--days", default=28, show_default=True)
 @click.option("--push-rate", default=0.05, show_default=True, help="share of eligible triggers every policy pushes")
 @click.option("--workers", default=2, show_default=True, help="processes running simulations in parallel")

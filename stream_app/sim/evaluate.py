@@ -36,7 +36,7 @@ RIVER_DOC = {
 
 @dataclass(frozen=True)
 class EvalConfig:
-    users: int = 2000
+    users: int = 1500
     days: int = 28
     seeds: tuple[int, ...] = (1, 2, 3)
     push_rate: float = 0.05
@@ -152,9 +152,14 @@ def segment_recovery(results: list[RunResult]) -> dict[str, Any]:
             "by_seed": [r.segments for r in runs]}  # fmt: skip
 
 
-def holdout_uplift(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+def holdout_uplift(results: list[RunResult], cfg: EvalConfig, matched: bool = False,
+                   cooldown_ms: int = 2 * DAY_MS) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per policy: pushed minus holdout conversion rate among decisions the policy would push (rank >= threshold,
-    after warm-up), with a 95% interval from a bootstrap over users; next to the true mean uplift of those pushes."""
+    after warm-up), with a 95% interval from a bootstrap over users; next to the true mean uplift of those pushes.
+
+    ``matched``: a holdout user's decisions count only when ``cooldown_ms`` has passed since the last counted one,
+    as the campaign's cooldown spaces a pushed user's decisions (otherwise a holdout user adds a label on every
+    eligible click, and heavy browsers weigh more in the holdout arm than in the pushed one)."""
     out = {}
     threshold = 1 - cfg.push_rate
     for policy in LEARNED:
@@ -167,6 +172,8 @@ def holdout_uplift(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[
             day = (lab["decided_at_ms"] - r.labels["decided_at_ms"].min()) // DAY_MS
             keep = (lab["rank"] >= threshold) & (day >= cfg.warmup_days)
             pushed = lab["pushed"].astype(bool)
+            if matched:  # holdout decisions thinned by the pushes' cooldown, as if each had been a push
+                keep &= pushed | _cooldown_mask(lab["user"], lab["decided_at_ms"], keep & ~pushed, cooldown_ms)
             treated_groups.append(_by_user(lab["user"][keep & pushed], lab["converted"][keep & pushed]))
             control_groups.append(_by_user(lab["user"][keep & ~pushed], lab["converted"][keep & ~pushed]))
             truths.append(lab["true_uplift"][keep & pushed])
@@ -186,6 +193,17 @@ def holdout_uplift(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[
                        "treated_labels": int(sum(g[:, 1].sum() for g in treated_groups)),
                        "holdout_labels": int(sum(g[:, 1].sum() for g in control_groups))}  # fmt: skip
     return out
+
+
+def _cooldown_mask(users: np.ndarray, times: np.ndarray, candidates: np.ndarray, cooldown_ms: int) -> np.ndarray:
+    """Among ``candidates``, keep per user only decisions at least ``cooldown_ms`` after the last kept one."""
+    keep = np.zeros(len(users), dtype=bool)
+    last: dict[int, int] = {}
+    for i in np.flatnonzero(candidates)[np.argsort(times[candidates], kind="stable")]:
+        u, t = int(users[i]), int(times[i])
+        if u not in last or t - last[u] >= cooldown_ms:
+            keep[i], last[u] = True, t
+    return keep
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -251,6 +269,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> dict[str, Any]:
         "model": model_quality(results, cfg),
         "segments": segment_recovery(results),
         "holdout": holdout_uplift(results, cfg),
+        "holdout_matched": holdout_uplift(results, cfg, matched=True),
         "phishing": validate_phishing(),
         "runs": [
             {"policy": r.policy, "seed": r.seed, "events": r.events, "seconds": round(r.seconds, 1), "counts": r.counts}
@@ -274,7 +293,7 @@ def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
     ari = seg.get("ari_final", (math.nan,))[0]
     auc_ratio = m.get("auc_ratio", math.nan)
     opt_up, opt_rnd = (v.get(p, {}).get("opt_outs_per_1000_users", math.nan) for p in ("uplift", "random"))
-    hu = h.get("uplift", {})
+    hu, naive = s["holdout_matched"].get("uplift", {}), h.get("uplift", {})
     return [
         {"target": "propensity ROC AUC >= 0.95 x Bayes-optimal AUC after warm-up",
          "measured": f"{m.get('auc', math.nan):.3f} / {m.get('bayes_auc', math.nan):.3f} = {auc_ratio:.3f} x",
@@ -288,10 +307,15 @@ def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         {"target": "uplift opt-outs no more than random", "measured": f"{opt_up:.1f} vs {opt_rnd:.1f} per 1,000 users",
          "met": bool(opt_up <= opt_rnd)},
         {"target": "holdout uplift 95% CI contains the true uplift (uplift policy)",
-         "measured": f"estimate {hu.get('estimate', math.nan):+.4f}, CI [{hu.get('ci', (math.nan,) * 2)[0]:+.4f}, "
-                     f"{hu.get('ci', (math.nan,) * 2)[1]:+.4f}], true {hu.get('true_uplift', math.nan):+.4f}",
+         "measured": f"cooldown-matched holdout: {_est(hu)}; per-label holdout: {_est(naive)}; "
+                     f"true {hu.get('true_uplift', math.nan):+.4f}",
          "met": bool(hu.get("contains", False))},
     ]  # fmt: skip
+
+
+def _est(r: dict[str, Any]) -> str:
+    ci = r.get("ci", (math.nan, math.nan))
+    return f"{r.get('estimate', math.nan):+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
 def why(s: dict[str, Any]) -> list[str]:
@@ -301,7 +325,9 @@ def why(s: dict[str, Any]) -> list[str]:
     rho = {p: v.get(p, {}).get("score_vs_true_uplift", math.nan) for p in LEARNED}
     top = m.get("calibration", [{}])[-1] if m.get("calibration") else {}
     stab = seg.get("stability_last_week", (math.nan,))[0]
-    prop = h.get("propensity", {})
+    prop = s["holdout_matched"].get("propensity", {})
+    naive = h.get("uplift", {})
+    naive_ok = naive.get("contains", False)
     return [
         ("the linear model reaches it" if t[0] else
          "a user's true rate comes from latent traits (type, a log-normal multiplier, the response class) that a "
@@ -323,12 +349,16 @@ def why(s: dict[str, Any]) -> list[str]:
          f"propensity {_f(rho['propensity'], 3)}), so their difference is noise"),
         ("annoyed users' pushes are not favoured" if t[4] else
          "the uplift score does not steer away from annoyed users better than chance"),
-        ("pushed and holdout users the policy would push are comparable" if t[5] else
-         "holdout users are never pushed, so their features (hours since push, pushes in 24 h) and their label "
-         "frequency (a label on every eligible click; pushes are rate-limited by the cooldown) differ from pushed "
-         "users': the would-push holdout group is another population than the pushed one")
-        + (f"; the propensity policy shows the same bias more strongly ({_f(prop.get('estimate', math.nan), 4)} "
-           f"vs {_f(prop.get('true_uplift', math.nan), 4)})" if prop and not prop.get("contains", True) else ""),
+        ("once holdout decisions are spaced by the pushes' cooldown, pushed and holdout users the policy would push "
+         "are comparable" if t[5] else
+         "even with holdout decisions spaced by the cooldown, the would-push holdout group differs from the pushed "
+         "one: holdout users are never pushed, so their features (hours since push, pushes in 24 h) differ")
+        + ("; the per-label holdout (a label on every eligible click of a holdout user, while pushes are spaced by "
+           "the cooldown) gives heavy browsers more weight in the control arm than in the pushed arm"
+           + (" and misses" if not naive_ok else "") if naive else "")
+        + (f"; the propensity policy's estimate misses too ({_f(prop.get('estimate', math.nan), 4)} vs "
+           f"{_f(prop.get('true_uplift', math.nan), 4)}): its score uses the push-history features that differ "
+           "most between the arms" if prop and not prop.get("contains", True) else ""),
     ]  # fmt: skip
 
 
@@ -402,7 +432,7 @@ def plots(s: dict[str, Any], out_dir: Path) -> None:
         fig.savefig(out_dir / "segments.png", dpi=110)
         plt.close(fig)
 
-    h = s["holdout"]
+    h = s["holdout_matched"] or s["holdout"]
     if h:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         names = list(h)
@@ -413,7 +443,7 @@ def plots(s: dict[str, Any], out_dir: Path) -> None:
         ax.scatter(x + 0.08, [h[p]["true_uplift"] for p in names], marker="s", color="#dd8452", label="true uplift")
         ax.set_xticks(x, names)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set_title("uplift of the pushes a policy chose")
+        ax.set_title("uplift of the pushes a policy chose (cooldown-matched holdout)", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "uplift.png", dpi=110)
@@ -526,14 +556,19 @@ def render(s: dict[str, Any]) -> str:
             "Among decisions after warm-up that the policy ranked into its push share: the conversion rate of "
             "pushed users minus that of holdout users (the product's measured uplift, restricted to whom the policy "
             "would push), with a 95% interval from a bootstrap over users (a holdout user contributes a label on "
-            "every eligible click, so labels are clustered). True: the mean true uplift of those pushes.",
+            "every eligible click, so labels are clustered). True: the mean true uplift of those pushes. "
+            '"Per label" uses every holdout label, as the trainer\'s `stream_app_uplift` does; '
+            '"cooldown-matched" counts a holdout user\'s decisions only 48 h apart, as the cooldown spaces pushes.',
             "",
-            "| policy | pushed labels | holdout labels | estimate (95% CI) | true uplift | CI contains truth |",
-            "|---|---|---|---|---|---|",
+            "| policy | holdout arm | pushed labels | holdout labels | estimate (95% CI) | true uplift | "
+            "CI contains truth |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for p, r in h.items():
+        rows = [(p, "per label", r) for p, r in h.items()]
+        rows += [(p, "cooldown-matched", r) for p, r in s["holdout_matched"].items()]
+        for p, kind, r in sorted(rows, key=lambda x: (LEARNED.index(x[0]), x[1])):
             contains = "yes" if r["contains"] else "no"
-            lines.append(f"| {p} | {r['treated_labels']} | {r['holdout_labels']} | {r['estimate']:+.4f} "
+            lines.append(f"| {p} | {kind} | {r['treated_labels']} | {r['holdout_labels']} | {r['estimate']:+.4f} "
                          f"{_ci(r['ci'], 4)} | {r['true_uplift']:+.4f} | {contains} |")  # fmt: skip
         lines += ["", "![uplift](uplift.png)", ""]
     d = ph["doc"]
