@@ -118,9 +118,10 @@ def model_quality(results: list[RunResult], cfg: EvalConfig, policy: str = "prop
     t0 = min(r.labels["decided_at_ms"].min() for r in runs)
     day = ((lab["decided_at_ms"] - t0) // DAY_MS).astype(int)
     y = lab["converted"].astype(bool)
-    after = (day >= cfg.warmup_days) & lab["warm"].astype(bool)
+    closed = day < cfg.days - 1  # the last day's windows close after the run: only its early positives exist
+    after = (day >= cfg.warmup_days) & closed & lab["warm"].astype(bool)
     by_day = []
-    for d in range(int(day.max()) + 1):
+    for d in range(min(int(day.max()) + 1, cfg.days - 1)):
         m = day == d
         ym, pm, tm = y[m], lab["model"][m], lab["true_p"][m]
         by_day.append({"day": d, "n": int(m.sum()), "positives": int(ym.sum()), "auc": roc_auc(pm, ym),
@@ -130,7 +131,8 @@ def model_quality(results: list[RunResult], cfg: EvalConfig, policy: str = "prop
     per_seed = []
     for r in runs:
         ry = r.labels["converted"].astype(bool)
-        rm = (((r.labels["decided_at_ms"] - t0) // DAY_MS) >= cfg.warmup_days) & r.labels["warm"].astype(bool)
+        rday = (r.labels["decided_at_ms"] - t0) // DAY_MS
+        rm = (rday >= cfg.warmup_days) & (rday < cfg.days - 1) & r.labels["warm"].astype(bool)
         per_seed.append(roc_auc(r.labels["model"][rm], ry[rm]) / roc_auc(r.labels["true_p"][rm], ry[rm]))
     return {
         "labels_after_warmup": int(after.sum()), "positives_after_warmup": int(y[after].sum()),
@@ -170,7 +172,7 @@ def holdout_uplift(results: list[RunResult], cfg: EvalConfig, matched: bool = Fa
         for r in runs:
             lab = r.labels
             day = (lab["decided_at_ms"] - r.labels["decided_at_ms"].min()) // DAY_MS
-            keep = (lab["rank"] >= threshold) & (day >= cfg.warmup_days)
+            keep = (lab["rank"] >= threshold) & (day >= cfg.warmup_days) & (day < cfg.days - 1)
             pushed = lab["pushed"].astype(bool)
             if matched:  # holdout decisions thinned by the pushes' cooldown, as if each had been a push
                 keep &= pushed | _cooldown_mask(lab["user"], lab["decided_at_ms"], keep & ~pushed, cooldown_ms)
