@@ -139,7 +139,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
 
     t_start = time.perf_counter()
     campaign = eval_campaign(push_rate)
-    sim = Simulator(config, deliver=policy != "none", windows={CAMPAIGN: campaign.attribution_window_ms})
+    sim = Simulator(config, deliver=policy != "none", windows={CAMPAIGN: campaign.attribution_window_ms},
+                    click_triggered=frozenset({CAMPAIGN}))  # fmt: skip
     if policy == "none":
         n = sum(1 for _ in sim)
         return _result(policy, config, sim, n, t_start)
@@ -154,7 +155,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     def oracle(_x: Sequence[float]) -> float:
         user = sim.by_id[context["user"]]
         at = next_allowed_ms(context["ts"], user.tz_offset_min, guardrails)
-        p1, p0 = sim.probabilities(user, at, campaign.attribution_window_ms)
+        p1, p0 = sim.probabilities(user, at, campaign.attribution_window_ms, context["ts"])
         return p1 - p0
 
     raws: dict[str, Callable[[Sequence[float]], float]] = {

@@ -166,21 +166,48 @@ def organic_exposure(user: User, start_ms: int, window_ms: int, annoyed_until_ms
     return user.pay_per_day * days
 
 
+PRE_PAYMENT_CLICKS = 1.5  # organic payments come after 1 or 2 clicks (5-60 min before) in the same category
+
+
+def pre_payment_share(user: User, at_ms: int) -> float:
+    """P(a click of this user at ``at_ms`` is one of the clicks right before an organic payment).
+
+    A click trigger is informative: some clicks announce a payment within the hour. This is the posterior
+    share of such clicks among the user's clicks that day (their rates, not which click it was), so it is
+    what the latent traits tell about a click, the Bayes-optimal view.
+    """
+    weekend = (at_ms // DAY_MS + 3) % 7 in (5, 6)  # 1970-01-01 was a Thursday
+    ut = user.type
+    browse = ut.browse_per_day * user.activity * (ut.weekend_boost if weekend else 1.0) * (1 - ut.like_share)
+    pre = PRE_PAYMENT_CLICKS * user.pay_per_day
+    return pre / (pre + browse) if pre + browse > 0 else 0.0
+
+
 def conversion_probabilities(
-    user: User, at_ms: int, window_ms: int, annoyed_until_ms: int, recent_pushes: int
-) -> tuple[float, float]:
+    user: User, at_ms: int, window_ms: int, annoyed_until_ms: int, recent_pushes: int,
+    click_at_ms: int | None = None,
+) -> tuple[float, float]:  # fmt: skip
     """True (P(convert | push at ``at_ms``), P(convert | no push)) within an attribution window.
 
-    "Convert" is what a label counts: a payment, or a click on the push, inside the window.
+    "Convert" is what a label counts: a payment, or a click on the push, inside the window. ``click_at_ms``:
+    the decision was triggered by the user's click at that time, which may announce a payment (see
+    ``pre_payment_share``); that payment is lost if the user is annoyed when it happens (a push delivered
+    within 30 minutes of the click counts as before it).
 
     >>> u = make_user(0, random.Random(1))
     >>> p1, p0 = conversion_probabilities(u, 12 * 3_600_000, DAY_MS, -1, 0)
     >>> 0 <= p0 < 1 and 0 <= p1 < 1
     True
     """
-    p_no = 1 - math.exp(-organic_exposure(user, at_ms, window_ms, annoyed_until_ms))
+    q, a_no, a_push = 0.0, 0.0, 0.0
+    if click_at_ms is not None:  # the announced payment comes 5-60 min after the click: maybe before the window
+        late = min(max((60 - (at_ms - click_at_ms) / 60_000) / 55, 0.0), 1.0)
+        q = pre_payment_share(user, click_at_ms) * late
+        a_no = user.annoyance if annoyed_until_ms > click_at_ms else 0.0
+        a_push = user.annoyance if at_ms - click_at_ms <= 30 * 60_000 else a_no
+    p_no = 1 - (1 - q * (1 - a_no)) * math.exp(-organic_exposure(user, at_ms, window_ms, annoyed_until_ms))
     until = max(annoyed_until_ms, at_ms + ANNOYANCE_MS) if user.annoyance else annoyed_until_ms
-    organic = 1 - math.exp(-organic_exposure(user, at_ms, window_ms, until))
+    organic = 1 - (1 - q * (1 - a_push)) * math.exp(-organic_exposure(user, at_ms, window_ms, until))
     lift, _ = push_effect(user, at_ms, recent_pushes)
     lift *= lognormal_cdf(window_ms, CLICK_DELAY_MEDIAN_MS, CLICK_DELAY_SIGMA)
     p_push = 1 - (1 - organic) * (1 - lift)

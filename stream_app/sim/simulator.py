@@ -111,10 +111,12 @@ def lognormal_ms(rng: random.Random, median_ms: float, sigma: float) -> int:
 class Simulator:
     """A seeded population's event stream; ``deliver=False`` ignores decisions (open loop or no pushes)."""
 
-    def __init__(self, config: SimConfig, deliver: bool = True, windows: dict[str, int] | None = None) -> None:
+    def __init__(self, config: SimConfig, deliver: bool = True, windows: dict[str, int] | None = None,
+                 click_triggered: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.config = config
         self.deliver = deliver
         self.windows = windows or {}
+        self.click_triggered = click_triggered  # campaigns whose decisions follow a click (it may announce a payment)
         self.users: list[User] = make_population(config.users, config.seed)
         self.by_id = {u.user_id: u for u in self.users}
         self.dynamics = [UserDynamics() for _ in self.users]
@@ -171,7 +173,8 @@ class Simulator:
             return None
         at = decision["send_at_ms"] or decision["decided_at_ms"]
         window = self.windows.get(decision["campaign"], DAY_MS)
-        p_push, p_no = self.probabilities(user, at, window)
+        click = decision["decided_at_ms"] if decision["campaign"] in self.click_triggered else None
+        p_push, p_no = self.probabilities(user, at, window, click)
         truth = DecisionTruth(decision["decision_id"], user.user_id, decision["campaign"], action,
                               decision["decided_at_ms"], at, p_push, p_no, user.type_index, user.response,
                               decision["score"])  # fmt: skip
@@ -180,11 +183,13 @@ class Simulator:
             self._push(max(at, self.now_ms), "deliver", (user, decision["decision_id"]))
         return truth
 
-    def probabilities(self, user: User, at_ms: int, window_ms: int) -> tuple[float, float]:
+    def probabilities(
+        self, user: User, at_ms: int, window_ms: int, click_at_ms: int | None = None
+    ) -> tuple[float, float]:
         """True (P(convert | push at ``at_ms``), P(convert | no push)) for a user, as of now."""
         d = self.dynamics[user.index]
         recent = sum(1 for t in d.pushes if at_ms - FATIGUE_WINDOW_MS < t <= at_ms)
-        return conversion_probabilities(user, at_ms, window_ms, d.annoyed_until, recent)
+        return conversion_probabilities(user, at_ms, window_ms, d.annoyed_until, recent, click_at_ms)
 
     # -- internals ---------------------------------------------------------------------------------
     def _push(self, ts: int, kind: str, payload: Any) -> None:
