@@ -43,6 +43,15 @@ Record = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value
 ERASED = b'{"erased":true}'  # an erased user's state: no personal data, pushes stay suppressed
 
 
+def encode_state(state: UserState) -> bytes:
+    """A user's state as the JSON bytes the store holds and its changelog record carries.
+
+    Copied to its own size: the bytes orjson returns keep their initial ~4 KB buffer (measured with
+    tracemalloc: 8 KB per held 325-byte state, 777 MB for 100k users), which a long-lived store must not.
+    """
+    return memoryview(orjson.dumps(state.to_dict())).tobytes()
+
+
 class UserStore(Protocol):
     """Users' states as JSON bytes (``UserState.to_dict``, or ``ERASED``); ``put`` queues the changelog record."""
 
@@ -150,7 +159,7 @@ class Engine:
             state = UserState.from_dict(orjson.loads(stored)) if stored else None
             state = set_consent(state, opted_out=action == "opt_out")
             if state is not None:
-                self.users.put(batch, user_id, orjson.dumps(state.to_dict()), home)
+                self.users.put(batch, user_id, encode_state(state), home)
         self.metrics.consent[action].inc()
         return ("consent", action)
 
@@ -196,7 +205,7 @@ class Engine:
         if state is None:
             self.users.put(batch, user_id, None, partition)  # expired: a tombstone in the changelog
             return
-        self.users.put(batch, user_id, orjson.dumps(state.to_dict()), partition)
+        self.users.put(batch, user_id, encode_state(state), partition)
         self.timers.schedule(partition, user_id, next_due_ms(state, self.config))
 
     def fire_timers(self, batch: list[Record], partition: int, event_ms: int) -> None:

@@ -101,7 +101,10 @@ class Settings(BaseSettings):
         layout: dict[str, tuple[int, dict[str, str]]] = {t: (self.topic_partitions, {}) for t in user_keyed}
         layout[self.model_inputs_topic] = (1, {})
         layout[self.model_params_topic] = (1, {"cleanup.policy": "compact"})
-        layout[self.users_changelog_topic] = (self.topic_partitions, {"cleanup.policy": "compact"})
+        # recovery reads the changelog: roll segments early so the cleaner keeps it near one record per user
+        changelog = {"cleanup.policy": "compact", "segment.bytes": str(64 << 20), "segment.ms": "3600000",
+                     "min.cleanable.dirty.ratio": "0.3"}  # fmt: skip
+        layout[self.users_changelog_topic] = (self.topic_partitions, changelog)
         layout[self.trainer_changelog_topic] = (1, {"cleanup.policy": "compact"})
         return layout
 
