@@ -21,8 +21,11 @@ def user_tz(u: int) -> int:
     return TZ_OFFSETS[(u * 2654435761) % len(TZ_OFFSETS)]
 
 
-def events(n: int, users: int, seed: int, end_ms: int, days: float = 7.0) -> Iterator[tuple[str, bytes, bytes]]:
-    """Yield (type, key, value) for ``n`` events over ``users`` users."""
+def events(
+    n: int, users: int, seed: int, end_ms: int, days: float = 7.0, cover: bool = False
+) -> Iterator[tuple[str, bytes, bytes]]:
+    """Yield (type, key, value) for ``n`` events over ``users`` users; with ``cover`` the first ``users``
+    events go to every user once (so state for exactly that many users exists: the memory and recovery runs)."""
     rng = random.Random(seed)
     span = int(days * 86_400_000)
     t0 = end_ms - 3_600_000 - span
@@ -36,6 +39,8 @@ def events(n: int, users: int, seed: int, end_ms: int, days: float = 7.0) -> Ite
     for i in range(n):
         # mild skew: a quarter of the draws go to the first 5% of users
         u = int(rnd() * users * 0.05) if rnd() < 0.25 else int(rnd() * users)
+        if cover and i < users:
+            u = i
         r = rnd()
         etype = next(name for edge, name in cum if r < edge) if r < 1 else "payment"
         fav = u % len(CATEGORIES)

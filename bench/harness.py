@@ -108,7 +108,9 @@ def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def preload(bootstrap: str, topics: dict[str, str], n: int, users: int, seed: int, partitions: int) -> dict:
+async def preload(
+    bootstrap: str, topics: dict[str, str], n: int, users: int, seed: int, partitions: int, cover: bool = False
+) -> dict:
     """Produce the events with per-partition batches (acks=1, no compression); returns counts and the rate."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_batch_size=512 << 10, max_request_size=4 << 20
@@ -120,7 +122,7 @@ async def preload(bootstrap: str, topics: dict[str, str], n: int, users: int, se
         builders: dict[tuple[str, int], Any] = {}
         futures: list[asyncio.Future] = []
         pcache: dict[bytes, int] = {}
-        for etype, key, value in gen.events(n, users, seed, int(time.time() * 1000)):
+        for etype, key, value in gen.events(n, users, seed, int(time.time() * 1000), cover=cover):
             topic = topics[etype]
             p = pcache.get(key)
             if p is None:
@@ -593,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cover", action="store_true", help="the first USERS events touch every user once")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--bootstrap", default="", help="use this broker instead of starting a local one")
     p.add_argument("--port", type=int, default=19392, help="port of the local broker the bench starts")
@@ -647,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
             layout = {t: (a.partitions, {}) for t in b.input_topics}
             run_async(create_topics(bootstrap, layout))
             say(f"preloading {a.events} events over {a.users} users into {b.input_topics}")
-            res["preload"] = run_async(preload(bootstrap, b.inputs, a.events, a.users, a.seed, a.partitions))
+            res["preload"] = run_async(preload(bootstrap, b.inputs, a.events, a.users, a.seed, a.partitions, a.cover))
             say(f"preload: {res['preload']}")
             save()
             apps: dict[str, tuple[Settings, Path]] = {}

@@ -81,6 +81,9 @@ def markdown(res: dict) -> str:
                 f"| {g} | {v['rate_per_s']} | {v['events_sent']} | {v['decisions_seen']} | {v['p50_ms']} | "
                 f"{v['p95_ms']} | {v['p99_ms']} | {v['max_ms']} |"
             )
+    if rows := targets(res):
+        lines += ["", "## Targets (issue 5)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
     if mem := res.get("memory"):
         lines += ["", "## Memory (end of the last (c) run)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in mem.items()]
@@ -94,6 +97,32 @@ def markdown(res: dict) -> str:
         ]
         lines += [f"| {k} | {v} |" for k, v in rec.items()]
     return "\n".join(lines) + "\n"
+
+
+def targets(res: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured value, met) for every target the results can speak to."""
+    out: list[tuple[str, str, bool]] = []
+    d, ra = res.get("d_pipeline_eos"), res.get("ratios", {})
+    if d:
+        v = d["events_per_cpu_s"]["median"]
+        out.append(("exactly_once >= 25,000 events per worker CPU-second", f"{v:,.0f}", v >= 25_000))
+    for key, floor, what in (("d/a events_per_cpu_s", 0.5, "raw loop"), ("d/b events_per_cpu_s", 0.8, "minimal Faust")):
+        if key in ra:
+            out.append((f"exactly_once >= {floor}x the {what} (per CPU-second)", f"{ra[key]}x", ra[key] >= floor))
+    for g, limit in (("exactly_once", 500), ("at_least_once", 100)):
+        if (lat := res.get("latency", {}).get(g)) is not None:
+            out.append((f"p99 latency {g} <= {limit} ms at 50% load", f"{lat['p99_ms']} ms", lat["p99_ms"] <= limit))
+    if (mem := res.get("memory")) is not None:
+        v = mem["state_bytes_mean"]
+        out.append(("<= 1 KB of state per user (mean changelog value)", f"{v:,.0f} B", v <= 1024))
+    for g, rec in res.get("recovery", {}).items():
+        users = rec.get("keys_recovered") or 0
+        t = rec.get("restart_to_first_event_s")
+        out.append((f"recovery {g}: restart to first new event ({users:,} users; target: 1M users <= 60 s)",
+                    f"{t} s", t is not None and t <= 60 and users >= 1_000_000))  # fmt: skip
+    if sc := res.get("scale"):
+        out.append(("2 workers >= 1.6x one worker (events/s)", f"{sc['speedup']}x", sc["speedup"] >= 1.6))
+    return out
 
 
 def plot(res: dict, path: Path) -> str:
