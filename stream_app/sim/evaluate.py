@@ -320,6 +320,11 @@ def _est(r: dict[str, Any]) -> str:
     return f"{r.get('estimate', math.nan):+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
+def _overlap(v: dict[str, Any], a: str, b: str) -> bool:
+    ca, cb = (v.get(p, {}).get("incremental_per_1000_ci", (math.nan, math.nan)) for p in (a, b))
+    return bool(ca[0] <= cb[1] and cb[0] <= ca[1])
+
+
 def why(s: dict[str, Any]) -> list[str]:
     """Why each target was met or missed: the mechanism, with the numbers that show it."""
     v, m, seg, h = s["volume"], s["model"], s["segments"], s["holdout"]
@@ -346,7 +351,9 @@ def why(s: dict[str, Any]) -> list[str]:
          f"{_f(rho['uplift'], 3)} (random {_f(rho['random'], 3)}, oracle {_f(rho['oracle'], 3)}), so it targets "
          "nearly at random; the oracle row shows the headroom"),
         ("propensity targets likely buyers (sure things), whose pushes add little; rank correlation of its score "
-         f"with the true uplift {_f(rho['propensity'], 3)}" if t[3] else
+         f"with the true uplift {_f(rho['propensity'], 3)}" + (
+             "; but the 95% intervals overlap: the difference is not significant" if _overlap(v, "uplift", "propensity")
+             else "") if t[3] else
          f"neither learned score tracks the true uplift (rank correlation: uplift {_f(rho['uplift'], 3)}, "
          f"propensity {_f(rho['propensity'], 3)}), so their difference is noise"),
         ("annoyed users' pushes are not favoured" if t[4] else
