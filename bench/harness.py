@@ -396,7 +396,8 @@ class Bench:
         return run_async(self._latency(s, rate, seconds))
 
     async def _latency(self, s: Settings, rate: float, seconds: float) -> dict:
-        """Open loop: clicks at a fixed rate, ts = produce time; a read_committed consumer on decision-audit."""
+        """Open loop: the bench's event mix at a fixed rate, ts = produce time; a read_committed consumer on
+        decision-audit times each event that led to a decision (clicks and payments of eligible users)."""
         bs = self.bootstrap
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bs,
@@ -430,18 +431,21 @@ class Bench:
 
             reader = asyncio.create_task(read())
             users = min(self.a.users, 1_000_000)
-            rng = __import__("random").Random(7)
+            # the throughput runs' event mix and users, re-stamped: ids new, ts = the time of sending
+            mix = gen.events(int(rate * seconds) + 1, users, self.a.seed + 1, int(time.time() * 1000))
+            topic_of = {"click": s.clicks_topic, "like": s.likes_topic, "payment": s.payments_topic}
             t0 = time.monotonic()
             n = 0
             prefix = f"lat-{uuid.uuid4().hex[:6]}"
             while (elapsed := time.monotonic() - t0) < seconds:
                 due = int(elapsed * rate) + 1
                 while n < due:
-                    u = int(rng.random() * users)
+                    etype, key, value = next(mix)
                     eid = f"{prefix}-{n}"
                     now = time.time()
+                    event = orjson.loads(value) | {"event_id": eid, "ts": int(now * 1000)}
                     sent[eid] = now
-                    await producer.send(s.clicks_topic, gen.click(eid, u, int(now * 1000)), key=f"u{u}".encode())
+                    await producer.send(topic_of[etype], orjson.dumps(event), key=key)
                     n += 1
                 await asyncio.sleep(max(0.0, (n / rate) - (time.monotonic() - t0)))
             await producer.flush()
@@ -606,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--session-timeout", type=float, default=30.0, help="STREAM_APP_SESSION_TIMEOUT_S of the workers")
     p.add_argument("--stop-timeout", type=float, default=45.0, help="SIGKILL a worker this long after SIGTERM")
     p.add_argument("--latency-seconds", type=float, default=30.0)
+    p.add_argument("--latency-rate", type=float, default=0.0, help="events/s of the probe (0: 50%% of the max)")
     p.add_argument("--run-timeout", type=float, default=3600.0)
     p.add_argument("--only", default="a,b,c,d,latency,memory,recovery,scale", help="phases to run")
     p.add_argument("--out", default=str(ROOT / "results"), help="directory for bench.json / .md / .png")
@@ -712,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
                     say(f"restart {guarantee}: {rec}")
                     save()
                     if "latency" in only:
-                        rate = 0.5 * res[key]["events_per_s"]["median"]
+                        rate = a.latency_rate or 0.5 * res[key]["events_per_s"]["median"]
                         lat = b.latency(s, rate, a.latency_seconds)
                         res.setdefault("latency", {})[guarantee] = lat
                         say(f"latency {guarantee}: {lat}")
