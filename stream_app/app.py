@@ -217,7 +217,7 @@ def create_app(
     """The Faust app and its agents. ``recover=False`` skips loading state from Kafka (agent unit tests)."""
     settings = settings or Settings()
     campaigns, guardrails = load_campaigns(settings.campaigns_file or None)
-    config = Config(campaigns=campaigns, guardrails=guardrails)
+    config = Config(campaigns=campaigns, guardrails=guardrails, segment_sample_rate=settings.segment_sample_rate)
     models = ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
     metrics = Metrics.create(registry)
     app = faust.App(

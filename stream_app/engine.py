@@ -28,7 +28,7 @@ from stream_app.core.pipeline import (
     set_consent,
     stored_due_ms,
 )
-from stream_app.core.policy import suppression_code, uniform
+from stream_app.core.policy import suppression_code
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers, partition_for
@@ -82,7 +82,7 @@ class ModelStore:
         """Install one published model version (older or equal versions are ignored)."""
         cur = self.current
         if key == SEGMENTS_KEY:
-            if params["version"] > cur.segments.version:
+            if params["version"] > cur.segments.version and params.get("schema") == cur.segments.schema:
                 self.current = Models(SegmentModel.from_params(params), cur.scorers, cur.controls)
         elif key.startswith(("propensity:", "control:")):
             control = key.startswith("control:")
@@ -189,7 +189,7 @@ class Engine:
         for label in out.labels:
             batch.append((s.model_inputs_topic, label.campaign.encode(), label_record(label), None))
             m.labels[(label.campaign, label.converted)].inc()
-        if out.segment_sample is not None and uniform("segment_sample", event_id) < s.segment_sample_rate:
+        if out.segment_sample is not None:
             batch.append((s.model_inputs_topic, b"segments", sample_record(out.segment_sample), None))
 
     def rebuild_timers(self) -> None:

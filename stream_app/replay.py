@@ -127,7 +127,9 @@ class Replayer:
             campaigns, loaded = load_campaigns(settings.campaigns_file or None)
             guardrails = guardrails or loaded
         self.settings = settings
-        self.config = Config(campaigns=campaigns, guardrails=guardrails or Guardrails())
+        self.config = Config(
+            campaigns=campaigns, guardrails=guardrails or Guardrails(), segment_sample_rate=settings.segment_sample_rate
+        )
         self.models = models or ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
         self.trainer = Trainer(trainer_campaigns or campaigns, settings.segments_k, settings.model_publish_interval_ms)
         self.store = DictStore()

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     campaigns_file: str = Field("", description="YAML/JSON campaign config; empty = the shipped default")
     segments_k: int = Field(6, ge=2, le=64)
     model_publish_interval_ms: int = Field(2000, ge=100, description="trainer publishes changed models this often")
-    segment_sample_rate: float = Field(0.05, ge=0, le=1, description="share of events that train segments")
+    segment_sample_rate: float = Field(
+        0.25, ge=0, le=1, description="share of users' active days (UTC) whose traits train the segments"
+    )
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger payloads are dead-lettered")
     max_future_skew_s: int = Field(86_400, ge=0, description="event ts may lead the Kafka record time by this")
     max_past_skew_s: int = Field(365 * 86_400, ge=0, description="event ts may trail the Kafka record time by this")

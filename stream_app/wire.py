@@ -11,6 +11,7 @@ import base64
 import orjson
 
 from stream_app.core.events import EventLimits, InvalidEvent
+from stream_app.core.features import TRAITS_SCHEMA
 from stream_app.core.pipeline import Label
 from stream_app.core.policy import Decision
 
@@ -76,9 +77,9 @@ def label_record(label: Label) -> bytes:
     )
 
 
-def sample_record(features: tuple[float, ...]) -> bytes:
-    """A profile feature vector for the segment model to learn from."""
-    return orjson.dumps({"kind": "segment_sample", "features": features})
+def sample_record(traits: tuple[float, ...]) -> bytes:
+    """A user's trait vector for the segment model to learn from."""
+    return orjson.dumps({"kind": "segment_sample", "schema": TRAITS_SCHEMA, "traits": traits})
 
 
 CONSENT_ACTIONS = ("opt_in", "opt_out", "erase")

@@ -9,6 +9,8 @@ Heavy-tailed quantities are log-compressed so one linear model and one distance 
 from __future__ import annotations
 
 import math
+import zlib
+from functools import lru_cache
 
 from stream_app.core.profile import DAY_MS, HOUR_MS, TYPE_INDEX, Profile, ProfileParams, local_hour
 
@@ -68,3 +70,75 @@ def extract_features(profile: Profile, now_ms: int, params: ProfileParams | None
         max(profile.categories.values()) / total_cat if total_cat else 0.0,
         math.log1p(max(now_ms - profile.first_ms, 0) / DAY_MS),
     ]
+
+
+CATEGORY_BUCKETS = 32
+TRAIT_NAMES: tuple[str, ...] = (
+    *(f"category_{i}" for i in range(CATEGORY_BUCKETS)),
+    "hour_cos", "hour_sin", "hour_cos2", "hour_sin2", "tz_hours",
+    "like_share", "log_rate_14d", "log_aov", "log_payments_30d",
+)  # fmt: skip
+TRAITS_SCHEMA = "traits-v1"  # segment models carry it: a model learned on another vector is not applied
+
+
+@lru_cache(maxsize=4096)
+def category_bucket(category: str) -> int:
+    """A stable bucket for a category name (crc32: the same in every process, unlike ``hash``).
+
+    >>> category_bucket("games") == category_bucket("games"), 0 <= category_bucket("books") < CATEGORY_BUCKETS
+    (True, True)
+    """
+    return zlib.crc32(category.encode()) % CATEGORY_BUCKETS
+
+
+def extract_traits(profile: Profile, now_ms: int, params: ProfileParams | None = None) -> list[float]:
+    """The vector segments are learned from: what a user *is*, not what they are doing now.
+
+    Segments should name kinds of users (what they browse, when, where, how they buy) and keep naming the
+    same user the same way from day to day, so this leaves out the moment (recency, time of the event,
+    pushes): category shares (hashed into fixed buckets, so no catalogue needs configuring), the shape of
+    the active-hours histogram (its first two circular harmonics: peak hour and one-vs-two peaks), the
+    time zone, the like share, activity, order value and purchase frequency.
+
+    >>> from stream_app.core.events import Event
+    >>> from stream_app.core.profile import update_profile
+    >>> p, _ = update_profile(None, Event("e1", "like", "u", 0, category="games", tz_offset_min=-300))
+    >>> t = extract_traits(p, HOUR_MS)
+    >>> len(t) == len(TRAIT_NAMES), t[category_bucket("games")], t[TRAIT_INDEX["tz_hours"]]
+    (True, 1.0, -5.0)
+    >>> round(t[TRAIT_INDEX["hour_cos"]], 3), round(t[TRAIT_INDEX["hour_sin"]], 3)  # 19:00 local
+    (0.259, -0.966)
+    """
+    params = params or ProfileParams()
+    out = [0.0] * len(TRAIT_NAMES)
+    total_cat = sum(profile.categories.values())
+    if total_cat:
+        for name, weight in profile.categories.items():
+            out[category_bucket(name)] += weight / total_cat
+    total_hours = sum(profile.hours)
+    if total_hours:
+        c1 = s1 = c2 = s2 = 0.0
+        for h, w in enumerate(profile.hours):
+            if w:
+                c1 += w * _COS[h]
+                s1 += w * _SIN[h]
+                c2 += w * _COS2[h]
+                s2 += w * _SIN2[h]
+        i = CATEGORY_BUCKETS
+        out[i : i + 4] = c1 / total_hours, s1 / total_hours, c2 / total_hours, s2 / total_hours
+    c = profile.counts
+    clicks, likes, payments = c[TYPE_INDEX["click"]], c[TYPE_INDEX["like"]], c[TYPE_INDEX["payment"]]
+    days = max((now_ms - profile.first_ms) / DAY_MS, 1.0)
+    out[TRAIT_INDEX["tz_hours"]] = (profile.tz_offset_min or 0) / 60
+    out[TRAIT_INDEX["like_share"]] = likes / (clicks + likes) if clicks + likes else 0.0
+    out[TRAIT_INDEX["log_rate_14d"]] = math.log1p(profile.decayed(profile.rate_long, params.long_half_life_ms, now_ms))
+    out[TRAIT_INDEX["log_aov"]] = math.log1p(profile.average_order_value)
+    out[TRAIT_INDEX["log_payments_30d"]] = math.log1p(payments * 30 / days)
+    return out
+
+
+TRAIT_INDEX = {n: i for i, n in enumerate(TRAIT_NAMES)}
+_COS = [math.cos(2 * math.pi * h / 24) for h in range(24)]
+_SIN = [math.sin(2 * math.pi * h / 24) for h in range(24)]
+_COS2 = [math.cos(4 * math.pi * h / 24) for h in range(24)]
+_SIN2 = [math.sin(4 * math.pi * h / 24) for h in range(24)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_app.core.events import Event
-from stream_app.core.features import extract_features
+from stream_app.core.features import extract_features, extract_traits
 from stream_app.core.policy import (
     LAPSE,
     Campaign,
@@ -27,6 +27,7 @@ from stream_app.core.policy import (
     decide,
     ineligibility,
     record_push,
+    uniform,
 )  # fmt: skip
 from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
 from stream_app.core.propensity import PropensityScorer
@@ -40,6 +41,7 @@ class Config:
     profile: ProfileParams = field(default_factory=ProfileParams)
     profile_ttl_ms: int = 90 * DAY_MS
     max_pending: int = 8  # open label windows kept per user; the oldest is closed early if exceeded
+    segment_sample_rate: float = 0.25  # share of users' active days whose traits train the segments
 
     @property
     def priorities(self) -> dict[str, int]:
@@ -124,7 +126,7 @@ class Outputs:
     duplicate: bool = False
     decisions: list[Decision] = field(default_factory=list)
     labels: list[Label] = field(default_factory=list)
-    segment_sample: tuple[float, ...] | None = None  # features to learn segments from
+    segment_sample: tuple[float, ...] | None = None  # traits to learn segments from (a sampled event)
     ineligible: list[str] = field(default_factory=list)  # campaigns triggered but not targeting the user
     expired: bool = False  # the state should be deleted
 
@@ -140,12 +142,22 @@ def process(state: UserState | None, event: Event, models: Models, config: Confi
                     state.lapse_done_ms if state else -1)  # fmt: skip
     now = event.ts_ms
     _close_windows(new, now, out, event)
-    features = extract_features(profile, now, config.profile)
-    out.segment_sample = tuple(features)
+    if _samples_day(state, event, config.segment_sample_rate):
+        out.segment_sample = tuple(round(v, 4) for v in extract_traits(profile, now, config.profile))
     triggered = [c for c in config.campaigns if event.type in c.triggers]
     if triggered:
+        features = extract_features(profile, now, config.profile)
         _decide(new, triggered, features, now, event.event_id, event.user_id, models, config, out)
     return new, out
+
+
+def _samples_day(state: UserState | None, event: Event, rate: float) -> bool:
+    """Whether this event's traits train the segments: the first event of a chosen share of each user's active
+    days (UTC, event time). Per user-day, not per event, so a heavy user does not weigh more than a light one
+    in what segments learn; chosen by a hash of user and day, so a replay samples the same."""
+    day = event.ts_ms // DAY_MS
+    first = state is None or state.profile is None or state.profile.last_ms // DAY_MS < day
+    return first and uniform("segment_sample", event.user_id, str(day)) < rate
 
 
 def tick(
@@ -231,7 +243,7 @@ def set_consent(state: UserState | None, opted_out: bool) -> UserState | None:
 
 def _decide(state: UserState, campaigns: list[Campaign], features: list[float], now: int, trigger: str,
             user_id: str, models: Models, config: Config, out: Outputs) -> None:  # fmt: skip
-    segment = models.segments.predict_one(features)
+    segment = models.segments.predict_one(extract_traits(state.profile, now, config.profile))
     eligible = []
     for c in campaigns:
         why = ineligibility(c, features, segment)

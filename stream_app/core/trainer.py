@@ -107,7 +107,9 @@ class Trainer:
     def learn(self, record: dict[str, Any]) -> str | None:
         """Learn from one model-input record; return the key of the model it changed (None if ignored)."""
         if record.get("kind") == "segment_sample":
-            self.segments.learn_one(record["features"])
+            if record.get("schema") != self.segments.schema:
+                return None  # from a worker of another version (rolling upgrade): another vector
+            self.segments.learn_one(record["traits"])
             self.dirty.add(SEGMENTS_KEY)
             return SEGMENTS_KEY
         campaign = self.campaigns.get(record.get("campaign", ""))
@@ -151,6 +153,7 @@ class Trainer:
 
     def restore(self, key: str, params: dict[str, Any]) -> None:
         if key == SEGMENTS_KEY:
-            self.segments = SegmentModel.from_params(params)
+            if params.get("schema") == self.segments.schema:  # else learned on another vector: start afresh
+                self.segments = SegmentModel.from_params(params)
         elif key in self.learners:
             self.learners[key] = PropensityLearner.from_params(params)

@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from stream_app.campaigns import parse_rule
-from stream_app.core.features import extract_features
+from stream_app.core.features import extract_traits
 from stream_app.core.pipeline import Models
 from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms
 from stream_app.core.profile import DAY_MS, HOUR_MS, Profile
@@ -253,7 +253,7 @@ def _assign_segments(replayer: Replayer, store: ModelStore, now_ms: int) -> dict
         if not isinstance(d, dict) or not d.get("p"):
             continue
         profile = Profile.from_dict(d["p"])
-        out[user_id] = model.predict_one(extract_features(profile, max(now_ms, profile.last_ms)))
+        out[user_id] = model.predict_one(extract_traits(profile, max(now_ms, profile.last_ms)))
     return out
 
 

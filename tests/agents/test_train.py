@@ -70,3 +70,7 @@ def test_the_model_store_installs_only_newer_versions():
     seg.version = 1
     store.apply("segments", seg.to_params())
     assert store.current.segments.version == 1 and store.current.scorers["c"].version == 3
+    # a segment model learned on another vector (the propensity features, before traits) is not installed
+    stale = seg.to_params() | {"version": 2, "schema": "", "centroids": [[0.0] * len(FEATURE_NAMES)] * 2}
+    store.apply("segments", stale)
+    assert store.current.segments.version == 1 and store.current.segments.predict_one([5.0]) >= 0

@@ -6,6 +6,7 @@ import orjson
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.events import Event
+from stream_app.core.features import TRAIT_NAMES
 from stream_app.core.pipeline import Config, Models, UserState, process, set_consent, tick
 from stream_app.core.profile import DAY_MS, HOUR_MS
 from stream_app.core.propensity import PropensityScorer
@@ -128,3 +129,20 @@ def test_the_due_time_of_a_stored_state_equals_that_of_the_state():
                 stored = orjson.loads(orjson.dumps(s.to_dict()))
                 assert stored_due_ms(stored, CONFIG) == next_due_ms(s, CONFIG) is not None
     assert stored_due_ms(set_consent(None, opted_out=True).to_dict(), CONFIG) is None
+
+
+def test_segments_learn_from_one_sample_per_chosen_user_day_however_busy_the_user():
+    config = replace(CONFIG, segment_sample_rate=0.5)
+    samples = {}
+    for user, per_day in (("busy", 40), ("calm", 1)):
+        events = [Event(f"{user}-{d}-{i}", "like", user, d * DAY_MS + HOUR_MS + i * 60_000, category="books")
+                  for d in range(200) for i in range(per_day)]  # fmt: skip
+        _, outs = feed(events, config=config)
+        samples[user] = [(e.ts_ms // DAY_MS, o.segment_sample) for e, o in zip(events, outs, strict=True)
+                         if o.segment_sample is not None]  # fmt: skip
+        days = [d for d, _ in samples[user]]
+        assert len(days) == len(set(days))  # at most one sample per user-day: the day's first event
+        assert all(len(s) == len(TRAIT_NAMES) for _, s in samples[user])
+    assert 70 <= len(samples["busy"]) <= 130 and 70 <= len(samples["calm"]) <= 130  # ~half of 200 days each
+    _, again = feed([Event("calm-0-0", "like", "calm", HOUR_MS, category="books")], config=config)
+    assert (again[0].segment_sample is not None) == (samples["calm"][0][0] == 0)  # the same draw on replay

@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.events import EVENT_TYPES, Event, InvalidEvent, parse_event
-from stream_app.core.features import FEATURE_NAMES
+from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES
 from stream_app.core.pipeline import Config, Models, advance, process, set_consent
 from stream_app.core.policy import SUPPRESSION_CODES, suppression_code
 from stream_app.core.profile import DAY_MS, HOUR_MS
@@ -104,13 +104,14 @@ MODEL_INPUT = validator("model-input.v1.json")
 MODEL_PARAMS = validator("model-params.v1.json")
 
 CAMPAIGNS, GUARDRAILS = load_campaigns()
-CONFIG = Config(CAMPAIGNS, GUARDRAILS)
-DROP = Config(CAMPAIGNS, replace(GUARDRAILS, quiet_mode="drop"))  # quiet hours suppress instead of hold
-TWO_ON_CLICK = Config(  # two campaigns compete for one trigger: at most one of them pushes
-    tuple(replace(c, triggers=(*c.triggers, "click")) if c.name == "cross_sell" else c for c in CAMPAIGNS),
-    GUARDRAILS,
+CONFIG = Config(CAMPAIGNS, GUARDRAILS, segment_sample_rate=1.0)  # every event's traits: samples to validate
+DROP = replace(CONFIG, guardrails=replace(GUARDRAILS, quiet_mode="drop"))  # quiet hours suppress instead of hold
+TWO_ON_CLICK = replace(  # two campaigns compete for one trigger: at most one of them pushes
+    CONFIG,
+    campaigns=tuple(replace(c, triggers=(*c.triggers, "click")) if c.name == "cross_sell" else c for c in CAMPAIGNS),
 )
-BUSY = Config(tuple(replace(c, cooldown_ms=0) for c in CAMPAIGNS), replace(GUARDRAILS, min_gap_ms=0))  # hits the cap
+BUSY = replace(CONFIG, campaigns=tuple(replace(c, cooldown_ms=0) for c in CAMPAIGNS),
+               guardrails=replace(GUARDRAILS, min_gap_ms=0))  # hits the cap  # fmt: skip
 DAY0 = 100 * DAY_MS
 
 
@@ -125,7 +126,7 @@ def scorers(intercept: float) -> dict[str, PropensityScorer]:
 def seeded_segments(k: int = 3) -> SegmentModel:
     rnd, model = random.Random(7), SegmentModel(k=k, warmup=30)
     for _ in range(40):
-        model.learn_one([rnd.gauss(0, 2) for _ in FEATURE_NAMES])
+        model.learn_one([rnd.gauss(0, 2) for _ in TRAIT_NAMES])
     assert len(model.centroids) == k
     return model
 
@@ -203,6 +204,10 @@ def test_the_schemas_name_the_code_s_feature_set_and_consent_actions():
     for vector in (MODEL_INPUT.schema["$defs"]["features"], MODEL_PARAMS.schema["$defs"]["vector"]):
         assert vector["minItems"] == vector["maxItems"] == d
     assert CONSENT.schema["properties"]["action"]["enum"] == list(CONSENT_ACTIONS)
+    assert MODEL_PARAMS.schema["$defs"]["trait_names"]["const"] == list(TRAIT_NAMES)
+    sample = MODEL_INPUT.schema["$defs"]["segment_sample"]["properties"]
+    assert sample["traits"]["minItems"] == sample["traits"]["maxItems"] == len(TRAIT_NAMES)
+    assert sample["schema"]["const"] == MODEL_PARAMS.schema["$defs"]["segments"]["properties"]["schema"]["const"]
 
 
 def test_emitted_decisions_validate_and_cover_every_action_and_reason_code():
@@ -211,7 +216,8 @@ def test_emitted_decisions_validate_and_cover_every_action_and_reason_code():
     assert {d.action for d in DECISIONS} == {"push", "holdout", "suppress"}
     assert any(d.action == "push" and d.send_at_ms > d.decided_at_ms for d in DECISIONS)  # held for quiet hours
     assert any(d.trigger_event_id.startswith("lapse:") for d in DECISIONS)
-    assert {-1, 0} <= {d.segment for d in DECISIONS} <= {-1, 0, 1, 2}  # -1: the segment model is warming up
+    segments = {d.segment for d in DECISIONS}
+    assert -1 in segments and segments - {-1} and segments <= {-1, 0, 1, 2}  # -1: the segment model is warming up
     reasons = {r for d in DECISIONS for r in d.reasons}
     patterns = {k: v["pattern"] for k, v in DECISION.schema["$defs"].items() if k.startswith("reason_")}
     for name, pattern in patterns.items():  # the schema lists no reason the code never gives
@@ -301,7 +307,10 @@ BAD_INPUTS = [
     {k: v for k, v in LABEL.items() if k != "decided_at_ms"},
     SAMPLE | {"user_id": "u1"},
     SAMPLE | {"campaign": LABEL["campaign"]},
-    SAMPLE | {"features": []},
+    SAMPLE | {"traits": []},
+    SAMPLE | {"traits": SAMPLE["traits"][:-1]},
+    SAMPLE | {"schema": "traits-v0"},
+    {"kind": "segment_sample", "features": LABEL["features"]},  # the pre-traits form
     {"kind": "segment_sample"},
     LABEL["features"],
 ]
@@ -312,7 +321,7 @@ def test_a_flush_record_validates_and_teaches_the_trainer_nothing():
     assert_valid(MODEL_INPUT, flush)
     trainer = Trainer(CAMPAIGNS)
     assert trainer.learn(flush) is None and not trainer.dirty
-    assert not MODEL_INPUT.is_valid(flush | {"features": SAMPLE["features"]})
+    assert not MODEL_INPUT.is_valid(flush | {"traits": SAMPLE["traits"]})
 
 
 def test_the_model_input_schema_rejects_wrong_records():
@@ -399,7 +408,9 @@ BAD_PARAMS = [
     PROPENSITY | {"k": 3},  # a mix of both kinds is neither
     {k: v for k, v in PROPENSITY.items() if k != "intercept"},
     SEGMENTS | {"k": 1},
-    SEGMENTS | {"centroids": [[0.0] * 19]},
+    SEGMENTS | {"centroids": [[0.0] * (len(TRAIT_NAMES) + 1)]},
+    SEGMENTS | {"schema": ""},  # learned on the propensity features (before traits)
+    {k: v for k, v in SEGMENTS.items() if k != "schema"},
     SEGMENTS | {"counts": [-1.0]},
     SEGMENTS | {"campaign": "cart_abandonment"},
     {k: v for k, v in SEGMENTS.items() if k != "buffer"},

@@ -74,3 +74,30 @@ def test_warming_up_predicts_minus_one():
     m = SegmentModel(k=3, warmup=10)
     m.learn_one([1.0, 2.0])
     assert m.predict_one([1.0, 2.0]) == -1
+
+
+def test_refits_leave_the_optimum_that_immature_early_samples_put_it_in():
+    """Early samples (new users: few events) sit near the middle; the first fit on them is poor. Refits on
+    the recent samples recover the clusters; online updates alone do not."""
+    rnd = random.Random(8)
+    early = [[c * 0.1 + rnd.gauss(0, 0.05) for c in CENTERS[rnd.randrange(2)]] for _ in range(500)]
+    later, _ = blobs(4000, seed=9)
+    refitting, online_only = SegmentModel(k=4, warmup=500, seed=1), SegmentModel(k=4, warmup=500, refit_every=10**9)
+    for x in [*early, *later]:
+        refitting.learn_one(x)
+        online_only.learn_one(x)
+    test_x, test_y = blobs(2000, seed=10)
+    assert adjusted_rand_index([refitting.predict_one(x) for x in test_x], test_y) > 0.9
+    assert adjusted_rand_index([online_only.predict_one(x) for x in test_x], test_y) < 0.8
+
+
+def test_a_refit_keeps_segment_ids_when_the_clusters_stay():
+    m = SegmentModel(k=4, warmup=300, refit_every=400, seed=2)
+    xs, _ = blobs(1199, seed=11)
+    for x in xs:
+        m.learn_one(x)
+    probe, _ = blobs(500, seed=12)
+    before = [m.predict_one(x) for x in probe]
+    m.learn_one(xs[0])  # the 1,200th sample: a refit (new scaler, new centroids, matched to the old ids)
+    assert m.n % m.refit_every == 0
+    assert sum(a == b for a, b in zip(before, [m.predict_one(x) for x in probe], strict=True)) / len(probe) > 0.97

@@ -4,7 +4,7 @@ import random
 import orjson
 
 from stream_app.campaigns import load_campaigns
-from stream_app.core.features import FEATURE_NAMES, INDEX
+from stream_app.core.features import FEATURE_NAMES, INDEX, TRAIT_NAMES, TRAITS_SCHEMA
 from stream_app.core.trainer import SEGMENTS_KEY, Quality, Trainer, propensity_key
 
 CAMPAIGNS, _ = load_campaigns()
@@ -54,8 +54,16 @@ def test_segment_samples_train_the_segment_model_and_unknown_records_are_ignored
     rnd = random.Random(3)
     t = Trainer(CAMPAIGNS, segments_k=3)
     for _ in range(t.segments.warmup + 10):
-        assert t.learn({"kind": "segment_sample", "features": [rnd.gauss(0, 1) for _ in range(D)]}) == SEGMENTS_KEY
+        traits = [rnd.gauss(0, 1) for _ in TRAIT_NAMES]
+        assert t.learn({"kind": "segment_sample", "schema": TRAITS_SCHEMA, "traits": traits}) == SEGMENTS_KEY
     assert len(t.segments.centroids) == 3
+    before = t.state(SEGMENTS_KEY)
+    # a worker of the previous version (propensity features, no schema) during a rolling upgrade
+    assert t.learn({"kind": "segment_sample", "features": [0.0] * D}) is None
+    assert t.learn({"kind": "segment_sample", "schema": "traits-v0", "traits": [0.0] * len(TRAIT_NAMES)}) is None
+    assert t.state(SEGMENTS_KEY) == before
+    t.restore(SEGMENTS_KEY, before | {"schema": "", "centroids": [[0.0] * D] * 3})  # learned on another vector
+    assert t.state(SEGMENTS_KEY) == before
     assert t.learn({"kind": "label", "campaign": "retired_campaign"}) is None
     assert t.learn({"kind": "mystery"}) is None
 
