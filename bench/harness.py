@@ -392,8 +392,16 @@ class Bench:
 
     # -- latency ---------------------------------------------------------------------------------
 
-    def latency(self, s: Settings, rate: float, seconds: float) -> dict:
-        return run_async(self._latency(s, rate, seconds))
+    def latency(self, s: Settings, rate: float, seconds: float, worker: int | None = None) -> dict:
+        """The probe, and the CPU the worker and the probe (this process) used meanwhile, in cores: a worker
+        near 1.0 is saturated (the offered rate is its maximum at streaming batch sizes, whatever (c) said)."""
+        pids = {"worker": [worker] if worker else [], "probe": [os.getpid()]}
+        before, t0 = {k: cpu_seconds(v) for k, v in pids.items() if v}, time.monotonic()
+        result = run_async(self._latency(s, rate, seconds))
+        wall = time.monotonic() - t0
+        for k, v in before.items():
+            result[f"{k}_cpu_cores"] = round((cpu_seconds(pids[k]) - v) / wall, 2)
+        return result
 
     async def _latency(self, s: Settings, rate: float, seconds: float) -> dict:
         """Open loop: the bench's event mix at a fixed rate, ts = produce time; a read_committed consumer on
@@ -718,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
                     save()
                     if "latency" in only:
                         rate = a.latency_rate or 0.5 * res[key]["events_per_s"]["median"]
-                        lat = b.latency(s, rate, a.latency_seconds)
+                        lat = b.latency(s, rate, a.latency_seconds, proc.pid)
                         res.setdefault("latency", {})[guarantee] = lat
                         say(f"latency {guarantee}: {lat}")
                         save()

@@ -73,13 +73,15 @@ def markdown(res: dict) -> str:
             "",
             "## Latency: event produced -> decision visible to a read_committed consumer on decision-audit",
             "",
-            "| guarantee | rate events/s | sent | decisions | p50 ms | p95 ms | p99 ms | max ms |",
-            "|---|---|---|---|---|---|---|---|",
+            "| guarantee | rate events/s | sent | decisions | p50 ms | p95 ms | p99 ms | max ms "
+            "| worker cores | probe cores |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g, v in lat.items():
             lines.append(
                 f"| {g} | {v['rate_per_s']} | {v['events_sent']} | {v['decisions_seen']} | {v['p50_ms']} | "
-                f"{v['p95_ms']} | {v['p99_ms']} | {v['max_ms']} |"
+                f"{v['p95_ms']} | {v['p99_ms']} | {v['max_ms']} | {v.get('worker_cpu_cores', '-')} | "
+                f"{v.get('probe_cpu_cores', '-')} |"
             )
     if rows := targets(res):
         lines += ["", "## Targets (issue 5)", "", "| target | measured | met |", "|---|---|---|"]
