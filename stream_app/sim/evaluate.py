@@ -341,10 +341,9 @@ def why(s: dict[str, Any]) -> list[str]:
          "linear model on 18 profile features sees only through a few weeks of sparse behaviour (about one payment "
          f"per user-month); it also over-predicts its top decile ({_f(top.get('predicted', math.nan), 3)} "
          f"predicted, {_f(top.get('observed', math.nan), 3)} observed, {_f(top.get('true', math.nan), 3)} true)"),
-        ("segments match the types" if t[1] else
-         "the segment model clusters all 18 standardized features, most of which describe the user's current "
-         "state (recency, time of day, pushes in 24 h, decayed rates), not stable traits; clusters of state cut "
-         f"across types (day-to-day stability of the assignment: ARI {_f(stab, 2)})"),
+        (f"segments match the types (k-means on user traits; day-to-day stability ARI {_f(stab, 2)})" if t[1] else
+         "the segments (k-means on user traits) split or merge types; day-to-day stability of the assignment: "
+         f"ARI {_f(stab, 2)}"),
         ("the learned uplift ranks persuadable users first" if t[2] else
          "the uplift score (treated model minus control model, two logistic regressions) is a small difference of "
          "two noisy estimates; its rank correlation with the true uplift is "
