@@ -62,6 +62,7 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 STOP_TIMEOUT = [45.0]
+PROBE_TICK_S = 0.005  # the latency probe sends in ticks of 5 ms
 
 
 def stop(proc: subprocess.Popen, timeout: float | None = None) -> str:
@@ -342,18 +343,19 @@ class Bench:
         finally:
             stop(proc)
 
-    def pipeline_env(self, s: Settings) -> dict[str, str]:
+    def pipeline_env(self, s: Settings, commit_interval: float | None = None) -> dict[str, str]:
         env = {
             **os.environ,
             **s.to_env(),
             "STREAM_APP_SESSION_TIMEOUT_S": str(self.a.session_timeout),
-            "STREAM_APP_COMMIT_INTERVAL_S": str(self.a.commit_interval),
+            "STREAM_APP_COMMIT_INTERVAL_S": str(commit_interval or self.a.commit_interval),
             "STREAM_APP_PRODUCER_LINGER_MS": str(self.a.linger_ms),
         }
         return env
 
-    def start_pipeline(self, s: Settings, log: Path) -> subprocess.Popen:
-        return start([sys.executable, "-m", "stream_app", "worker", "--loglevel", "info"], self.pipeline_env(s), log)
+    def start_pipeline(self, s: Settings, log: Path, commit_interval: float | None = None) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "stream_app", "worker", "--loglevel", "info"]
+        return start(cmd, self.pipeline_env(s, commit_interval), log)
 
     def pipeline(self, guarantee: str, keep: bool = False) -> tuple[dict, Settings, subprocess.Popen | None, Path]:
         """One full-pipeline run; with ``keep`` the worker is left running (caller stops it)."""
@@ -445,6 +447,8 @@ class Bench:
             t0 = time.monotonic()
             n = 0
             prefix = f"lat-{uuid.uuid4().hex[:6]}"
+            # a tick of PROBE_TICK_S sends what fell due in it: one produce request per tick and partition,
+            # not one per event (per-event requests cost the probe more CPU than the worker had left)
             while (elapsed := time.monotonic() - t0) < seconds:
                 due = int(elapsed * rate) + 1
                 while n < due:
@@ -455,9 +459,9 @@ class Bench:
                     sent[eid] = now
                     await producer.send(topic_of[etype], orjson.dumps(event), key=key)
                     n += 1
-                await asyncio.sleep(max(0.0, (n / rate) - (time.monotonic() - t0)))
+                await asyncio.sleep(PROBE_TICK_S)
             await producer.flush()
-            drain_until = time.monotonic() + max(5.0, 3 * self.a.commit_interval)
+            drain_until = time.monotonic() + max(5.0, 3 * (self.a.latency_commit_interval or self.a.commit_interval))
             while time.monotonic() < drain_until and len(seen) < len(sent):
                 await asyncio.sleep(0.2)
             done.set()
@@ -499,13 +503,13 @@ class Bench:
             "changelog_read_s": round(time.monotonic() - t0, 2),
         }
 
-    def restart(self, s: Settings, log: Path) -> tuple[dict, subprocess.Popen]:
+    def restart(self, s: Settings, log: Path, commit_interval: float | None = None) -> tuple[dict, subprocess.Popen]:
         """A fresh worker with the same app id (left running): time to load the users state from the
         changelog and to process one new event (a probe click sent right after the process started)."""
         s = s.model_copy(update={"web_port": free_port()})
         mark = log.stat().st_size if log.exists() else 0
         t0 = time.time()
-        proc = self.start_pipeline(s, log)
+        proc = self.start_pipeline(s, log, commit_interval)
         try:
             run_async(self._send_one(s.clicks_topic, 1, f"recovery-{uuid.uuid4().hex[:6]}"))
             recovered = None
@@ -618,6 +622,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--session-timeout", type=float, default=30.0, help="STREAM_APP_SESSION_TIMEOUT_S of the workers")
     p.add_argument("--stop-timeout", type=float, default=45.0, help="SIGKILL a worker this long after SIGTERM")
     p.add_argument("--latency-seconds", type=float, default=30.0)
+    p.add_argument(
+        "--latency-commit-interval",
+        type=float,
+        default=0.0,
+        help="commit interval of the restarted workers the latency probe measures (0: --commit-interval)",
+    )
     p.add_argument("--latency-rate", type=float, default=0.0, help="events/s of the probe (0: 50%% of the max)")
     p.add_argument("--run-timeout", type=float, default=3600.0)
     p.add_argument("--only", default="a,b,c,d,latency,memory,recovery,scale", help="phases to run")
@@ -645,6 +655,8 @@ def main(argv: list[str] | None = None) -> None:
             "faust_consumer_fetch_max_wait_ms": 1500,
             "latency_consumer_fetch_max_wait_ms": 10,
             "latency_producer_linger_ms": 0,
+            "latency_probe_tick_ms": int(PROBE_TICK_S * 1000),
+            "latency_commit_interval_s": a.latency_commit_interval or a.commit_interval,
             "raw_loop": "aiokafka getmany(max_records=5000), acks=1, commit after acks every commit interval",
             "minimal_faust": "at_least_once, same commit interval and linger",
         },
@@ -718,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
                 if guarantee not in apps or not {"recovery", "latency"} & only:
                     continue
                 s, log = apps[guarantee]
-                rec, proc = b.restart(s, log)
+                rec, proc = b.restart(s, log, a.latency_commit_interval)
                 rec["previous_worker_stop"] = res[key]["runs"][-1].get("stop")
                 try:
                     res.setdefault("recovery", {})[guarantee] = rec

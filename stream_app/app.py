@@ -350,26 +350,27 @@ def create_app(
                 ownership["fresh"] = True
             try:
                 record = orjson.loads(e.value)
-                key = trainer.learn(record)
+                keys = trainer.learn(record)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as bad:
                 log.warning("model input %s@%s ignored: %s", e.message.partition, e.message.offset, type(bad).__name__)
                 m.model_inputs_ignored.inc()
                 yield None
                 continue
             batch: list[Record] = []
-            if key is not None and key != SEGMENTS_KEY:
-                trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)  # a label is rare: persist each
-            elif key == SEGMENTS_KEY:
-                segment_writes += 1
-                if segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
+            for key in keys:
+                if key != SEGMENTS_KEY:  # a label is rare: persist each
                     trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
+                else:
+                    segment_writes += 1
+                    if segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
+                        trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
             for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
                 value = orjson.dumps(params)
                 trainer_state.put(batch, name, value, 0)
                 batch.append((settings.model_params_topic, name.encode(), value, None))
                 m.models_published[(name,)].inc()
             await outbox.flush(batch)
-            yield key
+            yield keys[0] if keys else None
 
     @app.timer(settings.model_publish_interval_ms / 1000)
     async def flush_models() -> None:

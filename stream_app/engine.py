@@ -33,6 +33,7 @@ from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers, partition_for
 from stream_app.core.trainer import SEGMENTS_KEY
+from stream_app.core.uplift import SegmentUplift
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 from stream_app.wire import dead_letter, decision_record, label_record, parse_consent, sample_record
@@ -83,14 +84,20 @@ class ModelStore:
         cur = self.current
         if key == SEGMENTS_KEY:
             if params["version"] > cur.segments.version and params.get("schema") == cur.segments.schema:
-                self.current = Models(SegmentModel.from_params(params), cur.scorers, cur.controls)
+                self.current = Models(SegmentModel.from_params(params), cur.scorers, cur.controls, cur.uplifts)
+        elif key.startswith("uplift:"):
+            old_uplift = cur.uplifts.get(params["campaign"])
+            if old_uplift is None or params["version"] > old_uplift.version:
+                uplifts = {**cur.uplifts, params["campaign"]: SegmentUplift.from_params(params)}
+                self.current = Models(cur.segments, cur.scorers, cur.controls, uplifts)
         elif key.startswith(("propensity:", "control:")):
             control = key.startswith("control:")
             table = cur.controls if control else cur.scorers
             old = table.get(params["campaign"])
             if old is None or params["version"] > old.version:
                 new = {**table, params["campaign"]: PropensityScorer.from_params(params)}
-                self.current = Models(cur.segments, cur.scorers if control else new, new if control else cur.controls)
+                self.current = Models(cur.segments, cur.scorers if control else new, new if control else cur.controls,
+                                      cur.uplifts)  # fmt: skip
 
 
 @dataclass

@@ -26,12 +26,14 @@ from stream_app.core.policy import (
     choose,
     decide,
     ineligibility,
+    next_allowed_ms,
     record_push,
     uniform,
 )  # fmt: skip
 from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
+from stream_app.core.uplift import SegmentUplift
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Models:
     segments: SegmentModel
     scorers: dict[str, PropensityScorer]  # by campaign: P(convert | pushed) (all labels in propensity mode)
     controls: dict[str, PropensityScorer] = field(default_factory=dict)  # uplift campaigns: P(convert | not)
+    uplifts: dict[str, SegmentUplift] = field(default_factory=dict)  # uplift campaigns: uplift by segment
 
     def scorer(self, campaign: Campaign) -> PropensityScorer:
         s = self.scorers.get(campaign.name)
@@ -260,6 +263,7 @@ def _decide(state: UserState, campaigns: list[Campaign], features: list[float], 
             campaign=c,
             scorer=models.scorer(c),
             control=models.control(c),
+            uplift=models.uplifts.get(c.name) if c.mode == "uplift" else None,
             guardrails=config.guardrails,
             trigger_id=trigger,
             now_ms=now,
@@ -270,10 +274,9 @@ def _decide(state: UserState, campaigns: list[Campaign], features: list[float], 
     windows = {c.name: c.attribution_window_ms for c in campaigns}
     for d in choose(decisions, config.priorities):
         out.decisions.append(d)
-        if d.action == "push":
+        if d.action in ("push", "holdout"):  # a holdout is a virtual push: spaced and capped as pushes are
             state.profile = record_push(state.profile, d, config.profile.max_pushes_kept)
-        if d.action in ("push", "holdout"):
-            start = d.send_at_ms or now
+            start = d.send_at_ms or next_allowed_ms(now, state.profile.tz_offset_min, config.guardrails)
             state.pending.append(Pending(d.decision_id, d.campaign, d.action, start, start + windows[d.campaign],
                                          d.features, d.model_version, d.probability, d.segment))  # fmt: skip
     while len(state.pending) > config.max_pending:

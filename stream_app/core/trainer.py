@@ -21,6 +21,7 @@ from typing import Any
 from stream_app.core.pipeline import Campaign
 from stream_app.core.propensity import PropensityLearner, PropensityScorer
 from stream_app.core.segments import SegmentModel
+from stream_app.core.uplift import SegmentUplift
 
 SEGMENTS_KEY = "segments"
 
@@ -28,6 +29,11 @@ SEGMENTS_KEY = "segments"
 def control_key(campaign: str) -> str:
     """The model of conversion *without* a push (learned from holdout labels), for uplift campaigns."""
     return f"control:{campaign}"
+
+
+def uplift_key(campaign: str) -> str:
+    """The uplift-by-segment counts of an uplift campaign."""
+    return f"uplift:{campaign}"
 
 
 def propensity_key(campaign: str) -> str:
@@ -99,34 +105,41 @@ class Trainer:
         self.learners = {propensity_key(c.name): PropensityLearner(c.name, c.prior, c.min_labels) for c in campaigns}
         self.learners |= {control_key(c.name): PropensityLearner(c.name, c.prior, c.min_labels)
                           for c in campaigns if c.mode == "uplift"}  # fmt: skip
+        self.uplifts = {uplift_key(c.name): SegmentUplift(c.name) for c in campaigns if c.mode == "uplift"}
         self.segments = SegmentModel(k=segments_k)
         self.quality = {c.name: Quality() for c in campaigns}
         self.dirty: set[str] = set()
         self.last_publish_ms = -1
 
-    def learn(self, record: dict[str, Any]) -> str | None:
-        """Learn from one model-input record; return the key of the model it changed (None if ignored)."""
+    def learn(self, record: dict[str, Any]) -> tuple[str, ...]:
+        """Learn from one model-input record; return the keys of the models it changed (none if ignored)."""
         if record.get("kind") == "segment_sample":
             if record.get("schema") != self.segments.schema:
-                return None  # from a worker of another version (rolling upgrade): another vector
+                return ()  # from a worker of another version (rolling upgrade): another vector
             self.segments.learn_one(record["traits"])
             self.dirty.add(SEGMENTS_KEY)
-            return SEGMENTS_KEY
+            return (SEGMENTS_KEY,)
         campaign = self.campaigns.get(record.get("campaign", ""))
         if record.get("kind") != "label" or campaign is None:
-            return None  # a campaign removed from the config: its late labels are dropped
+            return ()  # a campaign removed from the config: its late labels are dropped
         # uplift campaigns learn two models: pushed users (treated) and holdout users (control)
         key = propensity_key(campaign.name)
         if campaign.mode == "uplift" and record.get("action") == "holdout":
             key = control_key(campaign.name)
         learner = self.learners[key]
         x, y = record["features"], bool(record["converted"])
+        counts = self.uplifts.get(uplift_key(campaign.name))
+        segment = int(record["segment"]) if counts is not None else -1  # read before learning anything
         score = PropensityScorer.from_params(learner.to_params()).predict_one(x)
         self.quality[learner.campaign].add(score, y, record["labelled_at_ms"] - record["decided_at_ms"],
                                            record["action"])  # fmt: skip
         learner.learn_one(x, y)
         self.dirty.add(key)
-        return key
+        if counts is not None:
+            counts.learn_one(segment, record["action"] == "push", y)
+            self.dirty.add(uplift_key(campaign.name))
+            return key, uplift_key(campaign.name)
+        return (key,)
 
     def due(self, now_ms: int) -> dict[str, dict[str, Any]]:
         """New versions of changed models, if ``publish_every_ms`` has passed; marks them published."""
@@ -138,6 +151,9 @@ class Trainer:
             if key == SEGMENTS_KEY:
                 self.segments.version += 1
                 out[key] = self.segments.to_params(with_buffer=False)
+            elif key in self.uplifts:
+                self.uplifts[key].version += 1
+                out[key] = self.uplifts[key].to_params()
             else:
                 learner = self.learners[key]
                 learner.version += 1
@@ -149,11 +165,15 @@ class Trainer:
         """The full learning state of one model (what a successor trainer restores)."""
         if key == SEGMENTS_KEY:
             return self.segments.to_params()
+        if key in self.uplifts:
+            return self.uplifts[key].to_params()
         return self.learners[key].to_params()
 
     def restore(self, key: str, params: dict[str, Any]) -> None:
         if key == SEGMENTS_KEY:
             if params.get("schema") == self.segments.schema:  # else learned on another vector: start afresh
                 self.segments = SegmentModel.from_params(params)
+        elif key in self.uplifts:
+            self.uplifts[key] = SegmentUplift.from_params(params)
         elif key in self.learners:
             self.learners[key] = PropensityLearner.from_params(params)

@@ -10,14 +10,16 @@ pushes the top ``push_rate`` of its candidates by its own criterion:
 - ``random``: a seeded uniform draw;
 - ``propensity``: P(convert | push) from the campaign's model learned on all its labels (the product's
   ``propensity`` mode);
-- ``uplift``: P(convert | push) - P(convert | no push) from the treated and control models (``uplift`` mode);
+- ``uplift``: the product's ``uplift`` mode: the measured uplift of the user's segment (pushed minus holdout
+  conversion rate, shrunk to the campaign's) plus 0.001 x (P(convert | push) - P(convert | no push)) from the
+  treated and control models, which orders users within a segment;
 - ``oracle``: the true uplift of the user at the push's delivery time, from the simulator.
 
 Guardrails (cooldown, frequency cap, minimum gap, quiet hours) and opted-out users then suppress some of
 the chosen pushes, more for a policy that keeps choosing the same users. So each policy's rank also carries
-a bias, steered by a feedback loop (once its model is warm) until the share of its non-holdout decisions
-that are pushes equals ``push_rate``: delivered volumes come out nearly equal, and the report normalises
-per push anyway.
+a bias, steered by a feedback loop (once its model is warm) until the share of its decisions that are
+pushes or holdouts (pushes withheld) equals ``push_rate``: delivered volumes come out nearly equal, and the
+report normalises per push anyway.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import bisect
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,11 +37,12 @@ import orjson
 from stream_app.campaigns import parse_rule
 from stream_app.core.features import extract_traits
 from stream_app.core.pipeline import Models
-from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms
+from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms, uplift_score
 from stream_app.core.profile import DAY_MS, HOUR_MS, Profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import SEGMENTS_KEY, control_key, propensity_key
+from stream_app.core.trainer import SEGMENTS_KEY, control_key, propensity_key, uplift_key
+from stream_app.core.uplift import SegmentUplift
 from stream_app.engine import ModelStore
 from stream_app.replay import Replayer
 from stream_app.settings import Settings
@@ -83,7 +86,7 @@ class RankScorer:
         self.last_raw = float("nan")
 
     def observe(self, pushed: bool) -> None:
-        """Feedback from one non-holdout decision: raise the bias while pushes fall short of the target."""
+        """Feedback from one decision (a holdout counts as a push): raise the bias while pushes fall short."""
         if self.warm():
             self.bias = min(max(self.bias + self.gain * (self.target - pushed), -1.0), 1.0)
 
@@ -149,7 +152,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     guardrails = Guardrails()
     treated = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
     control = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
-    context: dict[str, Any] = {"user": None, "ts": 0}
+    context: dict[str, Any] = {"user": None, "ts": 0, "segment": -1}
+    counts = {"s": SegmentUplift(CAMPAIGN)}
     rng = random.Random(f"policy:{config.seed}")
 
     def oracle(_x: Sequence[float]) -> float:
@@ -161,17 +165,25 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     raws: dict[str, Callable[[Sequence[float]], float]] = {
         "random": lambda _x: rng.random(),
         "propensity": lambda x: treated["s"].predict_one(x),
-        "uplift": lambda x: treated["s"].predict_one(x) - control["s"].predict_one(x),
+        "uplift": lambda x: uplift_score(
+            counts["s"], context["segment"], treated["s"].predict_one(x) - control["s"].predict_one(x)
+        ),
         "oracle": oracle,
     }
-    warm = {"propensity": lambda: treated["s"].is_warm,
-            "uplift": lambda: treated["s"].is_warm and control["s"].is_warm}.get(policy, lambda: True)  # fmt: skip
+    warm = {
+        "propensity": lambda: treated["s"].is_warm,
+        "uplift": lambda: treated["s"].is_warm and control["s"].is_warm,  # as policy.decide
+    }.get(policy, lambda: True)
     scorer = RankScorer(raws[policy], warm, lambda: treated["s"], target=push_rate)
     store = ModelStore(Models(SegmentModel(k=(settings or Settings()).segments_k), {CAMPAIGN: scorer}))  # type: ignore[dict-item]
 
     def install(key: str, params: dict) -> None:
         if key == SEGMENTS_KEY:
             store.apply(key, params)
+            if store.current.segments.version == params["version"]:  # installed: let it report each segment
+                store.current = replace(store.current, segments=_SegmentSpy.from_params(params).watch(context))
+        elif key == uplift_key(CAMPAIGN):
+            counts["s"] = SegmentUplift.from_params(params)
         elif key == propensity_key(CAMPAIGN):
             treated["s"] = PropensityScorer.from_params(params)
         elif key == control_key(CAMPAIGN):
@@ -203,8 +215,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         for name, record in replayer.feed(orjson.dumps(envelope)):
             if name == "audit":
                 d = orjson.loads(record)
-                if d["action"] != "holdout":
-                    scorer.observe(d["action"] == "push")
+                scorer.observe(d["action"] in ("push", "holdout"))  # a holdout is a push withheld
                 truth = sim.observe(d)
                 if truth is not None:
                     user = int(truth.user_id[1:])
@@ -230,6 +241,20 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     result.segments = seg_days
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+class _SegmentSpy(SegmentModel):
+    """The installed segment model, also noting the last segment it gave: the engine finds the user's segment
+    just before it scores, and the uplift policy's raw score (a function of the features) needs it."""
+
+    def watch(self, context: dict[str, Any]) -> _SegmentSpy:
+        self.context = context
+        return self
+
+    def predict_one(self, x: Sequence[float]) -> int:
+        segment = super().predict_one(x)
+        self.context["segment"] = segment
+        return segment
 
 
 def _result(policy: str, config: SimConfig, sim: Simulator, n: int, t_start: float) -> RunResult:

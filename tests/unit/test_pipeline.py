@@ -100,6 +100,16 @@ def test_a_payment_after_a_push_is_a_positive_label_and_silence_a_negative_one()
     assert not neg.converted and neg.labelled_at_ms == neg.decided_at_ms + DAY_MS
 
 
+def test_a_held_out_user_is_spaced_and_labelled_like_a_pushed_one():
+    held = replace(CONFIG, campaigns=tuple(replace(c, holdout_share=1.0) for c in CONFIG.campaigns))
+    night = 10 * DAY_MS + 23 * HOUR_MS  # quiet hours: the withheld push would have gone out in the morning
+    state, outs = feed(clicks(n=5, start=night, tz=480), config=held)
+    (h,) = [d for d in decisions(outs, "cart_abandonment") if d.action == "holdout"]
+    assert h.send_at_ms is None and state.profile.pushes_in_window(night + HOUR_MS) == 1  # a virtual push
+    (p,) = state.pending
+    assert p.action == "holdout" and p.decided_at_ms == 11 * DAY_MS  # the label window starts when a push would land
+
+
 def test_redelivered_events_change_nothing_and_replays_decide_identically():
     events = [*clicks(n=4), Event("pay", "payment", "u", NOON + HOUR_MS, amount=5.0)]
     s1, o1 = feed(events)

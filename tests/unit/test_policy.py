@@ -78,6 +78,21 @@ def test_eligibility_segments_threshold_and_holdout():
     assert run(p, campaign=everyone_held_out).action == "holdout"
 
 
+def test_a_holdout_is_a_push_withheld_after_every_check_a_push_passes():
+    held = replace(CART, holdout_share=1.0)
+    p = user()
+    assert run(p, campaign=held, scorer=warm_scorer(-6.0)).action == "suppress"  # below threshold: no label
+    pushed = record_push(p, run(p), 8)
+    soon = run(pushed, campaign=held, now=12 * HOUR_MS + 60_000, trigger="e2")
+    assert soon.action == "suppress" and "suppress:min_gap" in "".join(soon.reasons)  # spaced like pushes
+    night = run(user(ts=23 * HOUR_MS, tz=120), campaign=held, now=23 * HOUR_MS)
+    assert night.action == "holdout" and night.send_at_ms is None and "hold:quiet_hours" in night.reasons
+    assert (
+        choose([run(p, campaign=held), run(p, campaign=replace(held, name="other"))], {"cart": 2, "other": 1})[1].action
+        == "suppress"
+    )  # one push or holdout per trigger
+
+
 def test_holdout_is_deterministic_and_close_to_its_share():
     c = replace(CART, holdout_share=0.1)
     members = [in_holdout(f"user-{i}", c) for i in range(20_000)]

@@ -16,13 +16,14 @@ from jsonschema import Draft202012Validator
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.events import EVENT_TYPES, Event, InvalidEvent, parse_event
-from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES
+from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES, extract_features
 from stream_app.core.pipeline import Config, Models, advance, process, set_consent
-from stream_app.core.policy import SUPPRESSION_CODES, suppression_code
-from stream_app.core.profile import DAY_MS, HOUR_MS
+from stream_app.core.policy import SUPPRESSION_CODES, decide, suppression_code
+from stream_app.core.profile import DAY_MS, HOUR_MS, update_profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import SEGMENTS_KEY, Trainer, propensity_key
+from stream_app.core.trainer import SEGMENTS_KEY, Trainer, control_key, propensity_key, uplift_key
+from stream_app.core.uplift import SegmentUplift
 from stream_app.metrics import REJECT_CODES
 from stream_app.wire import CONSENT_ACTIONS, dead_letter, decision_record, label_record, parse_consent, sample_record
 
@@ -320,7 +321,7 @@ def test_a_flush_record_validates_and_teaches_the_trainer_nothing():
     flush = loads(b'{"kind": "flush"}')  # the bytes the app's flush_models timer sends
     assert_valid(MODEL_INPUT, flush)
     trainer = Trainer(CAMPAIGNS)
-    assert trainer.learn(flush) is None and not trainer.dirty
+    assert trainer.learn(flush) == () and not trainer.dirty
     assert not MODEL_INPUT.is_valid(flush | {"traits": SAMPLE["traits"]})
 
 
@@ -334,7 +335,8 @@ def test_the_model_input_schema_rejects_wrong_records():
 
 def publish(records, segments_k=3):
     """Run the trainer over model-input records as the train agent does; return every publication."""
-    trainer = Trainer(CAMPAIGNS, segments_k=segments_k, publish_every_ms=1000)
+    campaigns = tuple(replace(c, mode="uplift") if c.name == "cross_sell" else c for c in CAMPAIGNS)  # both modes
+    trainer = Trainer(campaigns, segments_k=segments_k, publish_every_ms=1000)
     published = []
     for t, record in enumerate(records, start=1):
         trainer.learn(record)
@@ -358,8 +360,10 @@ def assert_installable(key: str, params: dict) -> None:
     assert_valid(MODEL_PARAMS, params)
     if key == SEGMENTS_KEY:
         SegmentModel.from_params(params)
+    elif key == uplift_key(params["campaign"]):
+        assert SegmentUplift.from_params(params).n_labels > 0
     else:
-        assert key == propensity_key(params["campaign"])
+        assert key in (propensity_key(params["campaign"]), control_key(params["campaign"]))
         PropensityScorer.from_params(params)
 
 
@@ -370,7 +374,8 @@ def test_published_model_params_validate_before_and_after_segment_warm_up():
     assert not segments[0]["centroids"] and segments[0]["n"] > 0  # warming up
     assert segments[-1]["centroids"]  # seeded
     assert not any(p["buffer"] for p in segments)  # workers never receive the trainer's warm-up buffer
-    assert {k for k, _ in PUBLISHED} >= {SEGMENTS_KEY, propensity_key("cart_abandonment"), propensity_key("cross_sell")}
+    assert {k for k, _ in PUBLISHED} >= {SEGMENTS_KEY, propensity_key("cart_abandonment"), propensity_key("cross_sell"),
+                                         control_key("cross_sell"), uplift_key("cross_sell")}  # fmt: skip
     assert all(p["version"] == i + 1 for i, p in enumerate(segments))
 
 
@@ -491,3 +496,17 @@ def test_the_readme_s_decision_example_is_a_valid_decision():
     assert examples
     for example in examples:
         assert_valid(DECISION, example)
+
+
+def test_an_uplift_decision_with_a_negative_estimate_validates():
+    campaign = replace(CAMPAIGNS[0], mode="uplift", threshold=0.0)
+    cold = replace(PropensityScorer.cold(campaign.name), n_labels=1000, min_labels=10)
+    treated, control = replace(cold, intercept=-3.0), replace(cold, intercept=-1.0)  # pushes hurt: P 0.05 vs 0.27
+    profile, _ = update_profile(None, Event("e0", "click", "u", 12 * HOUR_MS))
+    counts = SegmentUplift(campaign.name, arms={"1": [500, 10, 50, 10]})
+    for uplift in (None, counts):
+        d = decide(user_id="u", profile=profile, features=extract_features(profile, 12 * HOUR_MS), segment=1,
+                   campaign=campaign, scorer=treated, control=control, uplift=uplift, guardrails=GUARDRAILS,
+                   trigger_id="e1", now_ms=12 * HOUR_MS)  # fmt: skip
+        assert d.score < 0 and d.action == "suppress"
+        assert_valid(DECISION, loads(decision_record(d)))
