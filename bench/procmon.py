@@ -36,10 +36,15 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes and of their descendants (live ones, plus reaped children's cutime)."""
+def cpu_seconds(pids: list[int], descendants: bool = True) -> float:
+    """utime + stime of the processes and of their descendants (live ones, plus reaped children's cutime);
+    ``descendants=False``: of the processes alone (the bench process, not the workers it started)."""
     total = 0.0
     for root in pids:
+        if not descendants:
+            st = _stat(root)
+            total += sum(int(x) for x in st[11:13]) / CLK_TCK if st else 0.0
+            continue
         for p in tree(root):
             st = _stat(p)
             if st:  # fields 14..17 of stat: utime stime cutime cstime -> index 11..14 here

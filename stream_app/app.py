@@ -19,6 +19,7 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.sensors.prometheus import setup_prometheus_sensors
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 
@@ -198,6 +199,51 @@ class ChangelogStore:
         return took
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust 0.15 fixes the worker consumer's fetch_max_wait_ms at 1500. aiokafka keeps one fetch in flight
+    per broker and leaves partitions with unconsumed records out of it, so once the busy partitions' records
+    are buffered, the next fetch holds only idle ones (consent, model inputs, quiet partitions), the broker
+    holds it for the full wait, and the busy partitions' next records wait behind it: measured 1.45 s median
+    event-to-decision at 1,500 events/s with the worker half idle."""
+
+    fetch_max_wait_ms = 1500
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms  # read when start() creates the fetcher
+        return consumer
+
+
+async def reopen_transactions(app: faust.App) -> None:
+    """Faust 0.15 ends the transactions twice when a worker stops: once when the app waits for its streams,
+    again when the consumer stops. An offset acked in between (an agent's last event) is then sent to a
+    producer without an open transaction: IllegalOperation, the consumer never stops cleanly nor leaves the
+    group, and a restarted worker waits out the session timeout (measured: 28 s instead of 4 s). Opening the
+    ended transactions again lets the second call commit those offsets."""
+    if not app.in_transaction:
+        return
+    producer = app.producer
+    for tid, transactional in list(producer._transaction_producers.items()):
+        if not transactional._txn_manager.is_in_transaction():
+            await producer.begin_transaction(tid)
+
+
+def transport_for(app: faust.App, fetch_max_wait_ms: int) -> faust_aiokafka.Transport:
+    """Faust's aiokafka transport, with the worker consumer's fetch wait from the settings."""
+    thread = type("ConsumerThread", (_ConsumerThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
+
+    class Consumer(faust_aiokafka.Consumer):
+        def _new_consumer_thread(self) -> Any:
+            return thread(self, loop=self.loop, beacon=self.beacon)
+
+        async def commit_and_end_transactions(self) -> None:
+            await reopen_transactions(self.app)
+            await super().commit_and_end_transactions()
+
+    transport = type("Transport", (faust_aiokafka.Transport,), {"Consumer": Consumer})
+    return transport(app.conf.broker_consumer, app)
+
+
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
     """SASL (SCRAM/PLAIN) over TLS when a mechanism is configured; None for a plaintext broker."""
     if not settings.broker_credentials_mechanism:
@@ -239,6 +285,7 @@ def create_app(
         value_serializer="json",
         autodiscover=False,
     )
+    app.transport = transport_for(app, settings.fetch_max_wait_ms)
     setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
 
     raw = {"key_serializer": "raw", "value_serializer": "raw"}

@@ -28,9 +28,27 @@ async def create_topics(
             new = [NewTopic(n, layout[n][0], replication, topic_configs=layout[n][1]) for n in wanted]
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
+            await wait_for_leaders(admin, wanted)
         return wanted
     finally:
         await admin.close()
+
+
+async def wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 30.0) -> None:
+    """Until the broker's metadata shows every partition of ``topics`` with a leader. Creation returns once
+    the controller has the topics; a worker that joins its group before the broker's metadata has them gets
+    an empty assignment and idles until its next metadata refresh (seen on a freshly started broker)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        described = await admin.describe_topics(topics)
+        ready = {d["topic"] for d in described if not d.get("error_code") and d.get("partitions")
+                 and all(p.get("leader", -1) >= 0 for p in d["partitions"])}  # fmt: skip
+        if ready >= set(topics):
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"topics without leaders after {timeout}s: {sorted(set(topics) - ready)}")
+        await asyncio.sleep(0.1)
 
 
 async def produce(bootstrap: str, records: Iterable[tuple]) -> int:

@@ -30,12 +30,20 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1)
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "exactly_once"
     commit_interval_s: float = Field(
-        1.0,
+        0.25,
         gt=0,
         description="offset commit (exactly_once: transaction) interval; outputs of exactly_once "
-        "become visible to read_committed consumers at commit, so this bounds decision latency",
+        "become visible to read_committed consumers at commit, so this bounds decision latency "
+        "(bench: 0.25 s costs no measurable throughput against 1 s and halves the p99)",
     )
     producer_linger_ms: int = Field(5, ge=0, le=1000, description="batch outputs this long before a produce request")
+    fetch_max_wait_ms: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="the broker holds a fetch this long when no data: with one fetch in flight per broker, "
+        "a fetch of idle partitions delays the busy ones by up to this (Faust's own choice is 1500)",
+    )
     batch_max_events: int = Field(500, ge=1, le=100_000, description="events the agent takes per batch, at most")
     batch_within_ms: int = Field(5, ge=0, le=10_000, description="wait at most this long to fill a batch")
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_harness_runs_every_phase_and_writes_its_results(kafka_bootstrap, tmp_path):
     cmd = [sys.executable, "-m", "bench", "--bootstrap", kafka_bootstrap, "--events", "3000", "--users", "300",
-           "--runs", "1", "--latency-seconds", "3", "--stop-timeout", "20", "--run-timeout", "240",
-           "--out", str(tmp_path), "--name", "smoke"]  # fmt: skip
+           "--runs", "1", "--latency-seconds", "3", "--latency-warmup", "1", "--stop-timeout", "20",
+           "--run-timeout", "240", "--out", str(tmp_path), "--name", "smoke"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads((tmp_path / "smoke.json").read_text())
@@ -28,8 +28,10 @@ def test_bench_harness_runs_every_phase_and_writes_its_results(kafka_bootstrap, 
         assert res[key]["runs"][0]["consumed"] == 3000  # every preloaded event went through the pipeline
     assert res["scale"]["two_workers"]["runs"][0]["events_per_s"] > 0 and res["scale"]["speedup"] > 0
     for guarantee in ("at_least_once", "exactly_once"):
-        lat = res["latency"][guarantee]
+        (lat,) = res["latency"][guarantee]["runs"]
         assert lat["decisions_seen"] > 0 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        assert lat["worker_sent_p50_ms"] <= lat["p50_ms"] and lat["catch_up_s"] > 0
+        assert res["latency"][guarantee]["p99_ms"]["median"] == lat["p99_ms"]
         assert res["recovery"][guarantee]["restart_to_first_event_s"] > 0
         assert res["recovery"][guarantee]["keys_recovered"] > 0
     assert 0 < res["memory"]["state_bytes_mean"] < 4096 and res["memory"]["users_in_state"] > 0

@@ -1,0 +1,21 @@
+"""The worker's Kafka consumer as Faust builds it, with the settings' fetch wait (no broker needed)."""
+
+import asyncio
+
+import pytest
+
+from stream_app.app import create_app
+from stream_app.settings import Settings
+
+
+@pytest.mark.parametrize("wait_ms", [20, 250])
+def test_the_worker_consumer_waits_for_data_as_long_as_the_settings_say(tmp_path, wait_ms):
+    sa = create_app(Settings(app_id="transport-test", datadir=str(tmp_path), fetch_max_wait_ms=wait_ms), recover=False)
+    thread = sa.app.consumer._thread  # Faust's consumer thread: it creates the aiokafka consumer on start
+
+    async def create() -> object:  # aiokafka wants a running loop
+        return thread._create_worker_consumer(sa.app.transport)
+
+    consumer = asyncio.run(create())
+    assert consumer._fetch_max_wait_ms == wait_ms  # Faust alone would use 1500
+    assert consumer._group_id == "transport-test"  # everything else as Faust configures it
