@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         description="the broker holds a fetch this long when no data: with one fetch in flight per broker, "
         "a fetch of idle partitions delays the busy ones by up to this (Faust's own choice is 1500)",
     )
+    fetch_max_wait_backlog_ms: int = Field(
+        1500,
+        ge=1,
+        le=10_000,
+        description="the fetch wait while the worker has a backlog (full batches): bigger fetches, less CPU",
+    )
     batch_max_events: int = Field(500, ge=1, le=100_000, description="events the agent takes per batch, at most")
     batch_within_ms: int = Field(5, ge=0, le=10_000, description="wait at most this long to fill a batch")
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
