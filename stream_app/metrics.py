@@ -26,6 +26,7 @@ class Metrics:
     events_consumed: dict[str, Counter]
     events_rejected: dict[str, Counter]
     processing_seconds: Histogram
+    batch_events: Histogram
     duplicates_dropped: Counter
     decisions: dict[tuple[str, str], Counter]
     labels: dict[tuple[str, bool], Counter]
@@ -66,6 +67,11 @@ class Metrics:
             "stream_app_event_processing_seconds", "Time to process one input event in the agent.",
             buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 5e-2, 0.25, 1.0),
             registry=registry,
+        )  # fmt: skip
+        batch = Histogram(
+            "stream_app_batch_events", "Event messages per batch handed from a fetch to the event handler "
+            "(at most STREAM_APP_BATCH_MAX_EVENTS: full batches mean a backlog).",
+            buckets=(1, 5, 25, 100, 250, 499, 500, 1000, 5000), registry=registry,
         )  # fmt: skip
         duplicates = Counter(
             "stream_app_duplicates_dropped_total",
@@ -139,6 +145,7 @@ class Metrics:
             events_consumed={t: consumed.labels(type=t) for t in EVENT_TYPES},
             events_rejected={c: rejected.labels(reason=c) for c in REJECT_CODES},
             processing_seconds=seconds,
+            batch_events=batch,
             duplicates_dropped=duplicates,
             decisions=_Children(decisions, ("campaign", "action")),
             labels=_Children(labels, ("campaign", "converted")),

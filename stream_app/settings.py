@@ -50,8 +50,12 @@ class Settings(BaseSettings):
         le=10_000,
         description="the fetch wait while the worker has a backlog (full batches): bigger fetches, less CPU",
     )
-    batch_max_events: int = Field(500, ge=1, le=100_000, description="events the agent takes per batch, at most")
-    batch_within_ms: int = Field(5, ge=0, le=10_000, description="wait at most this long to fill a batch")
+    batch_max_events: int = Field(
+        500, ge=1, le=100_000, description="events handled per batch, at most (a fetch's are split into batches)"
+    )
+    batch_within_ms: int = Field(
+        5, ge=0, le=10_000, description="the agent's stream path only (test_context): wait this long to fill a batch"
+    )
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
 
     clicks_topic: str = "clicks"

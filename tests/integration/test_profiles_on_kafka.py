@@ -83,6 +83,9 @@ def test_worker_builds_profiles_and_recovers_them_after_restart(
         # processed is not yet written: a batch's records are sent, then its offsets committed
         wait_until(lambda: lag() == 0, 60, proc, log, "offsets of run 2 committed")
         reconsumed = consumed_total(port) + duplicates(port) - len(second)
+        # the worker's events came in batches straight from its fetches (BatchFeed), each handled once
+        handed = metric(port, "stream_app_batch_events_sum")
+        assert handed == consumed_total(port) + duplicates(port) >= len(second)
     # Redelivery after a restart is normal Kafka behaviour (an aborted last transaction under exactly_once,
     # a rebalance before the first commit under at_least_once); the event-id dedup makes it harmless.
     # What must hold under both guarantees is that every effect is applied once: the state below.
