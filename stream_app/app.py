@@ -476,17 +476,20 @@ def create_app(
         # records in processing order per producer: a user's state records must reach the changelog in
         # the order they were computed, and all of one user's input partitions share one producer
         groups: dict[str | None, tuple[TP, list[Record]]] = {}
+        records_of: dict[TP, list[Record]] = {}  # a message's partition -> its producer's records
         results = []
-        on_event, route = engine.on_event, outbox.route
+        on_event = engine.on_event
         for msg in messages:
             tp = msg.tp
             if tp in lost:  # revoked while buffered: the partition's new owner processes it
                 continue
-            key = route(tp)
-            if key not in groups:
-                groups[key] = (tp, [])
-            result = on_event(groups[key][1], Message(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
-                                                      int(msg.timestamp * 1000)))  # fmt: skip
+            if (records := records_of.get(tp)) is None:
+                key = outbox.route(tp)
+                if key not in groups:
+                    groups[key] = (tp, [])
+                records = records_of[tp] = groups[key][1]
+            result = on_event(records, Message(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                                               int(msg.timestamp * 1000)))  # fmt: skip
             results.append(result)
             if result[0] == "dead_letter":
                 log.warning("dead-lettered %s[%s]@%s: %s", tp.topic, tp.partition, msg.offset, result[1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -61,9 +61,8 @@ class UserStore(Protocol):
     def items(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class Message:
-    """An input message as the engine needs it (a Kafka record, or a line of a replay file)."""
+class Message(NamedTuple):
+    """An input message as the engine needs it (a Kafka record, or a line of a replay file); immutable."""
 
     topic: str
     partition: int

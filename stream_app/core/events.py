@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
@@ -28,8 +29,10 @@ class InvalidEvent(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """A valid input event (immutable; a named tuple: built for every event, a quarter of the cost of a
+    frozen dataclass)."""
+
     event_id: str
     type: str
     user_id: str

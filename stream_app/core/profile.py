@@ -75,9 +75,9 @@ class Profile:
         cents (enough for features and scores; keeps a profile's JSON small and the rounding cheap)."""
         return {
             "f": self.first_ms, "l": self.last_ms, "c": self.counts, "lt": self.last_type_ms,
-            "rs": round(self.rate_short, 4), "rl": round(self.rate_long, 4), "st": round(self.spend_total, 2),
-            "sd": round(self.spend_decayed, 2), "cat": {k: round(v, 4) for k, v in self.categories.items()},
-            "h": [round(v, 4) for v in self.hours], "tz": self.tz_offset_min, "s": self.seen,
+            "rs": _r4(self.rate_short), "rl": _r4(self.rate_long), "st": round(self.spend_total, 2),
+            "sd": round(self.spend_decayed, 2), "cat": {k: _r4(v) for k, v in self.categories.items()},
+            "h": [_r4(v) for v in self.hours], "tz": self.tz_offset_min, "s": self.seen,
             "lp": self.last_push_ms, "pt": self.push_times, "lo": self.last_outcome,
         }  # fmt: skip
 
@@ -89,6 +89,17 @@ class Profile:
             rate_long=d["rl"], spend_total=d["st"], spend_decayed=d["sd"], categories=d["cat"], hours=d["h"],
             tz_offset_min=d["tz"], seen=d["s"], last_push_ms=d["lp"], push_times=d["pt"], last_outcome=d["lo"],
         )  # fmt: skip
+
+
+def _r4(v: float) -> float:
+    """``round(v, 4)`` for the non-negative decayed quantities, about 3x faster (one call per hour bucket and
+    category on every update). The nearest float to the 4-decimal value, as ``round`` gives, except on
+    exact ties.
+
+    >>> _r4(0.123449), _r4(2.00005001), _r4(0.0), _r4(17.3)
+    (0.1234, 2.0001, 0.0, 17.3)
+    """
+    return int(v * 10000.0 + 0.5) / 10000.0
 
 
 def event_key(event_id: str) -> int:
