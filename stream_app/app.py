@@ -229,8 +229,9 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class FetchWait:
     """Short fetch waits while the worker keeps up (latency), long ones while it has a backlog (throughput).
 
-    A full batch means records are waiting: then the decisions trail by the backlog anyway and bigger
-    fetches make it drain sooner. A batch that is not full means the worker caught up: back to short waits.
+    A full fetch (at least ``full`` events) means records are waiting: then the decisions trail by the
+    backlog anyway and bigger fetches make it drain sooner. A fetch that is not full means the worker
+    caught up: back to short waits.
 
     >>> w = FetchWait(short_ms=20, backlog_ms=1500, full=500)
     >>> w.after_batch(500), w.after_batch(500), w.after_batch(12)
@@ -243,7 +244,7 @@ class FetchWait:
     current: int = 0
 
     def after_batch(self, size: int) -> int | None:
-        """The wait to switch to after a batch of ``size`` events (None: keep the current one)."""
+        """The wait to switch to after a fetch of ``size`` events (None: keep the current one)."""
         wanted = self.backlog_ms if size >= self.full else self.short_ms
         if wanted == self.current:
             return None
@@ -267,7 +268,8 @@ async def reopen_transactions(app: faust.App) -> None:
 
 @dataclass
 class BatchFeed:
-    """Messages of the event topics, handed from each fetch straight to one batch handler.
+    """Messages of some topics (the events; the model inputs), handed from each fetch straight to one batch
+    handler.
 
     Faust 0.15 moves every message through its own machinery before an agent sees it: per message a
     ``wait_first`` (four tasks and an ``asyncio.wait``), the conductor (flow control, sensors, decoding into
@@ -288,6 +290,7 @@ class BatchFeed:
 
     topics: frozenset[str]
     size: int = 500  # messages per batch, at most: a fetch may bring thousands
+    on_fetch: Any = None  # called with the number of these topics' messages in each fetch (0 included)
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=2))
 
     async def put(self, consumer: Any, messages: list[Any]) -> None:
@@ -309,15 +312,16 @@ class BatchFeed:
                 raise
 
 
-async def drain_in_batches(consumer: Any, fetcher: Any, feed: BatchFeed) -> None:
+async def drain_in_batches(consumer: Any, fetcher: Any, feeds: list[BatchFeed]) -> None:
     """Faust's ``Consumer._drain_messages`` (0.15.3, same offset, gap and commit bookkeeping), except that
-    messages of ``feed.topics`` go to the feed as one list per fetch instead of one by one to the conductor."""
+    messages of a feed's topics go to that feed as lists (per fetch, in batches of at most ``feed.size``)
+    instead of one by one to the conductor."""
     callback = consumer.callback
     read_offset = consumer._read_offset
     acks_enabled_for = consumer.app.topics.acks_enabled_for
     commit_every = consumer._commit_every
     consumer_stopped, fetcher_stopped = consumer._stopped.is_set, fetcher._stopped.is_set
-    topics = feed.topics
+    feed_of = {topic: i for i, feed in enumerate(feeds) for topic in feed.topics}
     try:
         while not (consumer_stopped() or fetcher_stopped()):
             consumer.diag.set_flag(CONSUMER_FETCHING)
@@ -325,7 +329,7 @@ async def drain_in_batches(consumer: Any, fetcher: Any, feed: BatchFeed) -> None
             await consumer.sleep(0)  # getmany may return at once, again and again: let the loop run
             if consumer.should_stop:
                 continue
-            batch: list[Any] = []
+            batches: list[list[Any]] = [[] for _ in feeds]
             async for tp, message in ait:
                 offset = message.offset
                 r_offset = read_offset[tp]
@@ -336,13 +340,16 @@ async def drain_in_batches(consumer: Any, fetcher: Any, feed: BatchFeed) -> None
                 if commit_every is not None and consumer._n_acked >= commit_every:
                     consumer._n_acked = 0
                     await consumer.commit()
-                if message.topic in topics:
-                    batch.append(message)
+                if (i := feed_of.get(message.topic)) is not None:
+                    batches[i].append(message)
                 else:
                     await consumer.wait_first(callback(message), consumer.suspend_flow.wait())
                 read_offset[tp] = offset
-            for start in range(0, len(batch), feed.size):
-                await feed.put(consumer, batch[start : start + feed.size])
+            for feed, batch in zip(feeds, batches, strict=True):
+                if feed.on_fetch is not None:
+                    feed.on_fetch(len(batch))
+                for start in range(0, len(batch), feed.size):
+                    await feed.put(consumer, batch[start : start + feed.size])
             consumer.diag.unset_flag(CONSUMER_FETCHING)
     except consumer.consumer_stopped_errors:
         if consumer.transport.app.should_stop:
@@ -356,9 +363,11 @@ async def drain_in_batches(consumer: Any, fetcher: Any, feed: BatchFeed) -> None
         consumer.diag.unset_flag(CONSUMER_FETCHING)
 
 
-def transport_for(app: faust.App, fetch_max_wait_ms: int, feed: BatchFeed | None = None) -> faust_aiokafka.Transport:
-    """Faust's aiokafka transport, with the worker consumer's fetch wait from the settings, and ``feed``'s
-    topics delivered in batches."""
+def transport_for(
+    app: faust.App, fetch_max_wait_ms: int, feeds: list[BatchFeed] | None = None
+) -> faust_aiokafka.Transport:
+    """Faust's aiokafka transport, with the worker consumer's fetch wait from the settings, and the
+    ``feeds``' topics delivered in batches."""
     thread = type("ConsumerThread", (_ConsumerThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
 
     class Consumer(faust_aiokafka.Consumer):
@@ -366,9 +375,9 @@ def transport_for(app: faust.App, fetch_max_wait_ms: int, feed: BatchFeed | None
             return thread(self, loop=self.loop, beacon=self.beacon)
 
         async def _drain_messages(self, fetcher: Any) -> None:
-            if feed is None:
+            if not feeds:
                 return await super()._drain_messages(fetcher)
-            return await drain_in_batches(self, fetcher, feed)
+            return await drain_in_batches(self, fetcher, feeds)
 
         async def commit_and_end_transactions(self) -> None:
             await reopen_transactions(self.app)
@@ -419,8 +428,15 @@ def create_app(
         value_serializer="json",
         autodiscover=False,
     )
-    feed = BatchFeed(frozenset(settings.input_topics), settings.batch_max_events)
-    app.transport = transport_for(app, settings.fetch_max_wait_ms, feed)
+
+    def on_fetch(events: int) -> None:
+        """A full fetch means a backlog (long fetch waits); a partial or empty one, caught up (short)."""
+        if (wait_ms := fetch_wait.after_batch(events)) is not None:
+            app.consumer._thread.set_fetch_wait(wait_ms)
+
+    feed = BatchFeed(frozenset(settings.input_topics), settings.batch_max_events, on_fetch)
+    train_feed = BatchFeed(frozenset([settings.model_inputs_topic]), settings.batch_max_events)
+    app.transport = transport_for(app, settings.fetch_max_wait_ms, [feed, train_feed])
     fetch_wait = FetchWait(settings.fetch_max_wait_ms, settings.fetch_max_wait_backlog_ms, settings.batch_max_events,
                            settings.fetch_max_wait_ms)  # fmt: skip
     setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
@@ -470,8 +486,6 @@ def create_app(
         its records are sent (``ack=False``: a Faust stream acks them) and returns the outcomes. One
         ownership check and one locked send per source partition instead of one per event."""
         t0 = time.perf_counter()
-        if (wait_ms := fetch_wait.after_batch(len(messages))) is not None:
-            app.consumer._thread.set_fetch_wait(wait_ms)
         await ensure_users()
         # records in processing order per producer: a user's state records must reach the changelog in
         # the order they were computed, and all of one user's input partitions share one producer
@@ -549,38 +563,55 @@ def create_app(
     app.on_partitions_revoked.connect(on_revoked)
     app.on_partitions_assigned.connect(on_assigned)
 
-    async def train(stream: Any) -> Any:
-        """The single trainer: learn from each label or sample, persist learning state, publish versions."""
-        segment_writes = 0
-        async for e in stream.events():
-            if not ownership["fresh"]:  # (re)gained the partition: continue from the persisted state
-                await trainer_state.ensure({0})
-                for key, params in list(trainer_state.items()):
-                    trainer.restore(key, orjson.loads(params))
-                ownership["fresh"] = True
+    segment_writes = [0]
+
+    async def train_batch(messages: list[Any], ack: bool = True) -> list[str | None]:
+        """The single trainer: learn from each label or sample, persist learning state, publish versions;
+        one locked send per batch. Acks as ``process_batch`` does. Returns each message's first model key."""
+        if not ownership["fresh"]:  # (re)gained the partition: continue from the persisted state
+            await trainer_state.ensure({0})
+            for key, params in list(trainer_state.items()):
+                trainer.restore(key, orjson.loads(params))
+            ownership["fresh"] = True
+        batch: list[Record] = []
+        results: list[str | None] = []
+        for msg in messages:
             try:
-                record = orjson.loads(e.value)
-                keys = trainer.learn(record)
+                keys = trainer.learn(orjson.loads(msg.value))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as bad:
-                log.warning("model input %s@%s ignored: %s", e.message.partition, e.message.offset, type(bad).__name__)
+                log.warning("model input %s@%s ignored: %s", msg.partition, msg.offset, type(bad).__name__)
                 m.model_inputs_ignored.inc()
-                yield None
+                results.append(None)
                 continue
-            batch: list[Record] = []
             for key in keys:
                 if key != SEGMENTS_KEY:  # a label is rare: persist each
                     trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
                 else:
-                    segment_writes += 1
-                    if segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
+                    segment_writes[0] += 1
+                    if segment_writes[0] % 50 == 0:  # samples are many; a crash loses at most 49 of them
                         trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
-            for name, params in trainer.due(int(e.message.timestamp * 1000)).items():
+            for name, params in trainer.due(int(msg.timestamp * 1000)).items():
                 value = orjson.dumps(params)
                 trainer_state.put(batch, name, value, 0)
                 batch.append((settings.model_params_topic, name.encode(), value, None))
                 m.models_published[(name,)].inc()
-            await outbox.flush(batch)
-            yield keys[0] if keys else None
+            results.append(keys[0] if keys else None)
+        await outbox.flush(batch, tp=messages[-1].tp if messages else None)
+        if ack:
+            for msg in messages:
+                app.consumer.ack(msg)
+        return results
+
+    async def train(stream: Any) -> Any:
+        """The trainer agent. In a worker the transport hands it each fetch's model inputs as one batch
+        (BatchFeed); Faust's test_context() goes through this stream, one message at a time."""
+        async for e in stream.events():
+            for result in await train_batch([e.message], ack=False):
+                yield result
+
+    @app.task
+    async def run_training() -> None:
+        await train_feed.run(app, train_batch)
 
     @app.timer(settings.model_publish_interval_ms / 1000)
     async def flush_models() -> None:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         1500,
         ge=1,
         le=10_000,
-        description="the fetch wait while the worker has a backlog (full batches): bigger fetches, less CPU",
+        description="the fetch wait while the worker has a backlog (full fetches): bigger fetches, less CPU",
     )
     batch_max_events: int = Field(
         500, ge=1, le=100_000, description="events handled per batch, at most (a fetch's are split into batches)"
