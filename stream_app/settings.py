@@ -48,7 +48,10 @@ class Settings(BaseSettings):
         1500,
         ge=1,
         le=10_000,
-        description="the fetch wait while the worker has a backlog (full fetches): bigger fetches, less CPU",
+        description="the fetch wait while the worker has a backlog: bigger fetches, less CPU",
+    )
+    fetch_backlog_events: int = Field(
+        2000, ge=1, description="consumer lag (events) from which the worker counts as having a backlog"
     )
     batch_max_events: int = Field(
         500, ge=1, le=100_000, description="events handled per batch, at most (a fetch's are split into batches)"
