@@ -162,7 +162,9 @@ def _kmeans(
     pts: np.ndarray, k: int, rnd: random.Random, passes: int, start: list[list[float]] | None = None
 ) -> tuple[float, list[list[float]], list[int]] | None:
     """k-means++ seeding (or ``start``), then Lloyd passes: (inertia, centroids, sizes), or None with < k
-    distinct points. Vectorised (numpy): a refit of 1,000 samples x 9 starts takes milliseconds."""
+    distinct points. Vectorised (numpy): distances as |p|^2 - 2 p.c + |c|^2 and the new centroids as one
+    matrix product, a few array operations per pass whatever ``k``: a refit (1,000 samples, 9 fits) takes
+    14 ms instead of 50 with a mean per centroid, and the trainer shares the worker's event loop."""
     centroids = [np.asarray(c, dtype=float) for c in start] if start else [pts[rnd.randrange(len(pts))]]
     d2 = ((pts - centroids[0]) ** 2).sum(axis=1)
     while len(centroids) < k:
@@ -173,17 +175,18 @@ def _kmeans(
         centroids.append(pts[i])
         d2 = np.minimum(d2, ((pts - pts[i]) ** 2).sum(axis=1))
     c = np.array(centroids)
+    norms = (pts * pts).sum(axis=1)[:, None]
+    labels = np.arange(k)
     assign = np.full(len(pts), -1)
     for _ in range(passes):
-        dist = ((pts[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
-        new_assign = dist.argmin(axis=1)
+        new_assign = (norms - 2.0 * pts @ c.T + (c * c).sum(axis=1)).argmin(axis=1)
         if np.array_equal(new_assign, assign):
             break
         assign = new_assign
-        for j in range(k):
-            members = pts[assign == j]
-            if len(members):
-                c[j] = members.mean(axis=0)
+        member = (assign[:, None] == labels).astype(float)  # n x k
+        sizes = member.sum(axis=0)
+        filled = sizes > 0
+        c[filled] = (member.T @ pts)[filled] / sizes[filled, None]
     inertia = float(((pts - c[assign]) ** 2).sum())
     sizes = np.bincount(assign, minlength=k)
     return inertia, c.tolist(), [int(x) for x in sizes]
