@@ -405,11 +405,15 @@ class Bench:
 
         return run_async(self._latency(s, rate, seconds, cpu))
 
-    async def _catch_up(self, s: Settings, producer: AIOKafkaProducer, timeout: float = 300.0) -> float:
+    async def _catch_up(self, s: Settings, producer: AIOKafkaProducer, timeout: float = 300.0) -> tuple[float, int]:
         """The preloaded events end an hour before now: the probe's first event in a partition moves its
         event-time watermark by that hour and fires the timers of all its users at once, a backlog that says
         nothing about the steady state. So one click per partition, stamped now, goes first, and the probe
-        waits until the worker's group has committed past it. Returns the seconds that took."""
+        waits until the worker's group has committed past it. Returns the seconds that took and the group's
+        lag before it: the exactly_once worker's group starts behind the at_least_once probe's events, which
+        went into the same input topics (about 90k per probe run), so its first catch-up takes about a
+        minute of processing them."""
+        backlog = await group_lag(self.bootstrap, s.app_id, s.input_topics)
         t0, nparts, covered = time.monotonic(), self.a.partitions, set()
         for u in range(10 * nparts * nparts + 1000):
             p = partition_for(f"u{u}", nparts)
@@ -422,7 +426,7 @@ class Bench:
             if time.monotonic() - t0 > timeout:
                 raise RuntimeError(f"latency: the worker did not catch up within {timeout:.0f}s")
             await asyncio.sleep(0.25)
-        return round(time.monotonic() - t0, 2)
+        return round(time.monotonic() - t0, 2), backlog
 
     async def _latency(self, s: Settings, rate: float, seconds: float, cpu: Any) -> dict:
         """Open loop: the bench's event mix at a fixed rate, ts = produce time; a read_committed consumer on
@@ -465,7 +469,7 @@ class Bench:
                                 stamped[tid] = m.timestamp / 1000 - sent[tid]
 
             reader = asyncio.create_task(read())
-            caught_up_s = await self._catch_up(s, producer)
+            caught_up_s, backlog = await self._catch_up(s, producer)
             users = min(self.a.users, 1_000_000)
             # the throughput runs' event mix and users, re-stamped: ids new, ts = the time of sending
             total = warmup + seconds
@@ -515,6 +519,7 @@ class Bench:
         return {
             "rate_per_s": round(rate, 1),
             "catch_up_s": caught_up_s,
+            "backlog_at_start": backlog,  # events the worker's group had not committed when the probe began
             "warmup_s": warmup,
             "seconds": seconds,
             "events_sent": len(sent),
@@ -607,7 +612,7 @@ def summarize_latency(runs: list[dict]) -> dict:
     """Median and min-max over the probe runs of each percentile (the targets read the median p99)."""
     out: dict[str, Any] = {"runs": runs, "rate_per_s": runs[0]["rate_per_s"]}
     for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "worker_sent_p50_ms", "worker_sent_p99_ms", "catch_up_s",
-              "worker_cpu_cores", "probe_cpu_cores"):  # fmt: skip
+              "backlog_at_start", "worker_cpu_cores", "probe_cpu_cores"):  # fmt: skip
         vals = [r[k] for r in runs if k in r]
         if vals:
             out[k] = {"median": round(statistics.median(vals), 2), "min": min(vals), "max": max(vals)}
