@@ -56,9 +56,6 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(
         500, ge=1, le=100_000, description="events handled per batch, at most (a fetch's are split into batches)"
     )
-    batch_within_ms: int = Field(
-        5, ge=0, le=10_000, description="the agent's stream path only (test_context): wait this long to fill a batch"
-    )
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
 
     clicks_topic: str = "clicks"
