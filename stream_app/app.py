@@ -19,7 +19,7 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.producer.message_accumulator import BatchBuilder
-from faust.sensors.prometheus import setup_prometheus_sensors
+from faust.sensors.prometheus import PrometheusMonitor, setup_prometheus_sensors
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -308,6 +308,23 @@ async def reopen_transactions(app: faust.App) -> None:
             await producer.begin_transaction(tid)
 
 
+class Monitor(PrometheusMonitor):
+    """Faust's Prometheus monitor, with the end-offset gauge bound once per partition: Faust sets it for every
+    fetched message, and looking up its labelled child each time took 4% of the worker's event loop."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._end_offsets: dict[TP, Any] = {}
+
+    def track_tp_end_offset(self, tp: TP, offset: int) -> None:
+        self.tp_end_offsets[tp] = offset
+        if (gauge := self._end_offsets.get(tp)) is None:
+            gauge = self._end_offsets[tp] = self._metrics.topic_partition_end_offset.labels(
+                topic=tp.topic, partition=tp.partition
+            )
+        gauge.set(offset)
+
+
 @dataclass
 class BatchFeed:
     """Messages of some topics (the events; the model inputs), handed from each fetch straight to one batch
@@ -490,6 +507,7 @@ def create_app(
     fetch_wait = FetchWait(settings.fetch_max_wait_ms, settings.fetch_max_wait_backlog_ms,
                            settings.fetch_backlog_events, settings.fetch_max_wait_ms)  # fmt: skip
     setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
+    app.monitor = Monitor(metrics=app.monitor._metrics)
 
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     topics = {
