@@ -12,7 +12,7 @@ import math
 import zlib
 from functools import lru_cache
 
-from stream_app.core.profile import DAY_MS, HOUR_MS, TYPE_INDEX, Profile, ProfileParams, local_hour
+from stream_app.core.profile import DAY_MS, DEFAULT_PARAMS, HOUR_MS, Profile, ProfileParams, local_hour
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_clicks", "log_likes", "log_payments",
@@ -43,31 +43,31 @@ def extract_features(profile: Profile, now_ms: int, params: ProfileParams | None
     >>> len(x) == len(FEATURE_NAMES), round(x[INDEX["log_hours_since_payment"]], 3), x[INDEX["top_category_share"]]
     (True, 1.099, 1.0)
     """
-    params = params or ProfileParams()
-    c = profile.counts
-    last_push = max(profile.last_push_ms.values(), default=-1)
+    params = params or DEFAULT_PARAMS
+    clicks, likes, payments = profile.counts  # both lists are in EVENT_TYPES order
+    last_click, last_like, last_payment = profile.last_type_ms
     hour = local_hour(now_ms, profile.tz_offset_min)
-    angle = 2 * math.pi * hour / 24
-    total_hours = sum(profile.hours)
-    total_cat = sum(profile.categories.values())
+    hours, categories = profile.hours, profile.categories
+    total_hours = sum(hours)
+    total_cat = sum(categories.values())
     return [
-        math.log1p(c[TYPE_INDEX["click"]]),
-        math.log1p(c[TYPE_INDEX["like"]]),
-        math.log1p(c[TYPE_INDEX["payment"]]),
+        math.log1p(clicks),
+        math.log1p(likes),
+        math.log1p(payments),
         math.log1p(profile.decayed(profile.rate_short, params.short_half_life_ms, now_ms)),
         math.log1p(profile.decayed(profile.rate_long, params.long_half_life_ms, now_ms)),
-        _log_hours(now_ms, profile.last_type_ms[TYPE_INDEX["click"]]),
-        _log_hours(now_ms, profile.last_type_ms[TYPE_INDEX["like"]]),
-        _log_hours(now_ms, profile.last_type_ms[TYPE_INDEX["payment"]]),
+        _log_hours(now_ms, last_click),
+        _log_hours(now_ms, last_like),
+        _log_hours(now_ms, last_payment),
         math.log1p(profile.spend_total),
         math.log1p(profile.average_order_value),
         math.log1p(profile.decayed(profile.spend_decayed, params.spend_half_life_ms, now_ms)),
         float(profile.pushes_in_window(now_ms, params.push_window_ms)),
-        _log_hours(now_ms, last_push),
-        math.sin(angle),
-        math.cos(angle),
-        profile.hours[hour] / total_hours if total_hours else 0.0,
-        max(profile.categories.values()) / total_cat if total_cat else 0.0,
+        _log_hours(now_ms, max(profile.last_push_ms.values(), default=-1)),
+        _SIN[hour],  # math.sin(2 * math.pi * hour / 24), precomputed
+        _COS[hour],
+        hours[hour] / total_hours if total_hours else 0.0,
+        max(categories.values()) / total_cat if total_cat else 0.0,
         math.log1p(max(now_ms - profile.first_ms, 0) / DAY_MS),
     ]
 
@@ -109,7 +109,7 @@ def extract_traits(profile: Profile, now_ms: int, params: ProfileParams | None =
     >>> round(t[TRAIT_INDEX["hour_cos"]], 3), round(t[TRAIT_INDEX["hour_sin"]], 3)  # 19:00 local
     (0.259, -0.966)
     """
-    params = params or ProfileParams()
+    params = params or DEFAULT_PARAMS
     out = [0.0] * len(TRAIT_NAMES)
     total_cat = sum(profile.categories.values())
     if total_cat:
@@ -126,8 +126,7 @@ def extract_traits(profile: Profile, now_ms: int, params: ProfileParams | None =
                 s2 += w * _SIN2[h]
         i = CATEGORY_BUCKETS
         out[i : i + 4] = c1 / total_hours, s1 / total_hours, c2 / total_hours, s2 / total_hours
-    c = profile.counts
-    clicks, likes, payments = c[TYPE_INDEX["click"]], c[TYPE_INDEX["like"]], c[TYPE_INDEX["payment"]]
+    clicks, likes, payments = profile.counts
     days = max((now_ms - profile.first_ms) / DAY_MS, 1.0)
     out[TRAIT_INDEX["tz_hours"]] = (profile.tz_offset_min or 0) / 60
     out[TRAIT_INDEX["like_share"]] = likes / (clicks + likes) if clicks + likes else 0.0

@@ -13,7 +13,9 @@ attribution window makes it positive; the window closing on event time makes it 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from stream_app.core.events import Event
@@ -28,6 +30,7 @@ from stream_app.core.policy import (
     ineligibility,
     next_allowed_ms,
     record_push,
+    rules_hold,
     uniform,
 )  # fmt: skip
 from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
@@ -45,9 +48,21 @@ class Config:
     max_pending: int = 8  # open label windows kept per user; the oldest is closed early if exceeded
     segment_sample_rate: float = 0.25  # share of users' active days whose traits train the segments
 
-    @property
+    # cached: read on every decision or update, and the config never changes
+    @cached_property
     def priorities(self) -> dict[str, int]:
         return {c.name: c.priority for c in self.campaigns}
+
+    @cached_property
+    def triggered_by(self) -> dict[str, tuple[Campaign, ...]]:
+        """The campaigns each trigger (an event type, or ``LAPSE``) triggers, in configuration order."""
+        triggers = {t for c in self.campaigns for t in c.triggers}
+        return {t: tuple(c for c in self.campaigns if t in c.triggers) for t in triggers}
+
+    @cached_property
+    def lapse_after_ms(self) -> tuple[int, ...]:
+        """The quiet periods after which the win-back (``LAPSE``) campaigns decide."""
+        return tuple(c.lapse_after_ms for c in self.campaigns if LAPSE in c.triggers)
 
 
 @dataclass(frozen=True)
@@ -145,12 +160,14 @@ def process(state: UserState | None, event: Event, models: Models, config: Confi
                     state.lapse_done_ms if state else -1)  # fmt: skip
     now = event.ts_ms
     _close_windows(new, now, out, event)
+    traits = None
     if _samples_day(state, event, config.segment_sample_rate):
-        out.segment_sample = tuple(round(v, 4) for v in extract_traits(profile, now, config.profile))
-    triggered = [c for c in config.campaigns if event.type in c.triggers]
+        traits = extract_traits(profile, now, config.profile)
+        out.segment_sample = tuple([round(v, 4) if v else v for v in traits])  # most category buckets are 0.0
+    triggered = config.triggered_by.get(event.type)
     if triggered:
         features = extract_features(profile, now, config.profile)
-        _decide(new, triggered, features, now, event.event_id, event.user_id, models, config, out)
+        _decide(new, triggered, features, now, event.event_id, event.user_id, models, config, out, traits)
     return new, out
 
 
@@ -207,11 +224,12 @@ def stored_due_ms(d: dict[str, Any], config: Config) -> int | None:
 
 
 def _due(last_ms: int, lapse_done_ms: int, closes: list[int], config: Config) -> int:
-    due = [c + 1 for c in closes]
-    due.append(last_ms + config.profile_ttl_ms + 1)
-    if lapse_done_ms != last_ms:
-        due.extend(last_ms + c.lapse_after_ms for c in config.campaigns if LAPSE in c.triggers)
-    return min(due)
+    due = last_ms + config.profile_ttl_ms + 1  # the profile expires
+    if closes:
+        due = min(due, min(closes) + 1)  # a label window closes
+    if lapse_done_ms != last_ms and config.lapse_after_ms:
+        due = min(due, last_ms + min(config.lapse_after_ms))  # a quiet period reaches a win-back campaign's lapse
+    return due
 
 
 def advance(
@@ -244,9 +262,18 @@ def set_consent(state: UserState | None, opted_out: bool) -> UserState | None:
     return UserState(state.profile, opted_out, list(state.pending), state.lapse_done_ms)
 
 
-def _decide(state: UserState, campaigns: list[Campaign], features: list[float], now: int, trigger: str,
-            user_id: str, models: Models, config: Config, out: Outputs) -> None:  # fmt: skip
-    segment = models.segments.predict_one(extract_traits(state.profile, now, config.profile))
+def _decide(state: UserState, campaigns: Sequence[Campaign], features: list[float], now: int, trigger: str,
+            user_id: str, models: Models, config: Config, out: Outputs,
+            traits: list[float] | None = None) -> None:  # fmt: skip
+    """Decide for the triggered campaigns; ``traits``: the profile's, if the caller already extracted them.
+
+    The segment (traits, then a distance to each centroid) only matters to a campaign whose rules hold, and
+    for most triggers none does: it is computed only then (else ``-1``, which nothing reads)."""
+    segment = -1
+    if any(rules_hold(c, features) for c in campaigns):
+        if traits is None:
+            traits = extract_traits(state.profile, now, config.profile)
+        segment = models.segments.predict_one(traits)
     eligible = []
     for c in campaigns:
         why = ineligibility(c, features, segment)
@@ -271,7 +298,7 @@ def _decide(state: UserState, campaigns: list[Campaign], features: list[float], 
         )
         for c in eligible
     ]
-    windows = {c.name: c.attribution_window_ms for c in campaigns}
+    windows = {c.name: c.attribution_window_ms for c in eligible}
     for d in choose(decisions, config.priorities):
         out.decisions.append(d)
         if d.action in ("push", "holdout"):  # a holdout is a virtual push: spaced and capped as pushes are

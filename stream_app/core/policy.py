@@ -21,6 +21,7 @@ import hashlib
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from stream_app.core.features import INDEX
 from stream_app.core.profile import HOUR_MS, Profile, copy_profile, local_hour
@@ -64,6 +65,11 @@ class Campaign:
     prior: float = 0.02
     min_labels: int = 200
     mode: str = "propensity"  # or "uplift": target by P(convert | push) - P(convert | no push)
+
+    @cached_property
+    def eligible_reason(self) -> str:
+        """The first reason of every decision the campaign makes past consent: its rules, as written."""
+        return "eligible:" + (",".join(map(str, self.eligibility)) or "all")
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,12 @@ def next_allowed_ms(now_ms: int, tz_offset_min: int | None, g: Guardrails) -> in
     end_today = day_start + end * HOUR_MS
     target = end_today if local < end_today else end_today + 24 * HOUR_MS
     return target - offset
+
+
+def rules_hold(campaign: Campaign, features: Sequence[float]) -> bool:
+    """Whether every eligibility rule of the campaign holds (its segments aside): ``ineligibility`` then depends on
+    the segment only, which is worth computing only for such a campaign."""
+    return all(rule.holds(features) for rule in campaign.eligibility)
 
 
 def ineligibility(campaign: Campaign, features: Sequence[float], segment: int) -> str | None:
@@ -208,7 +220,7 @@ def decide(
     if opted_out:
         reasons.append("suppress:opted_out")
         return out("suppress", 1.0)
-    reasons.append("eligible:" + (",".join(map(str, campaign.eligibility)) or "all"))
+    reasons.append(campaign.eligible_reason)
 
     explore = campaign.exploration_share
     if not warm:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from river import linear_model, optim
@@ -116,6 +117,7 @@ class PropensityScorer:
                    tuple(p["scales"]), p["prior"], p["n_labels"], p["min_labels"])  # fmt: skip
 
     @classmethod
+    @lru_cache(maxsize=256)  # immutable; asked for on every decision of a campaign that has no model yet
     def cold(cls, campaign: str, prior: float = 0.02, min_labels: int = 200) -> PropensityScorer:
         d = len(FEATURE_NAMES)
         return cls(campaign, 0, (0.0,) * d, 0.0, (0.0,) * d, (1.0,) * d, prior, 0, min_labels)

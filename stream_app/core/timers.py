@@ -13,6 +13,7 @@ one entry per user, never one per event.
 from __future__ import annotations
 
 import heapq
+from functools import lru_cache
 
 
 def murmur2(data: bytes) -> int:
@@ -45,8 +46,12 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+@lru_cache(maxsize=65536)
 def partition_for(user_id: str, partitions: int) -> int:
     """The partition a message keyed by ``user_id`` lands on with Kafka's default partitioner.
+
+    Looked up once per event and users repeat, so the answers of the pure-Python hash are kept for the most
+    recent users (bounded: about 10 MB when full).
 
     >>> partition_for("user-1", 4) == partition_for("user-1", 4)
     True
