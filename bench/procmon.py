@@ -62,12 +62,22 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores; /proc/stat: user, nice, system, irq, softirq), so
+    a phase can say how much of the machine it used, the broker and everything else included."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
 class CpuSampler:
-    """Samples (wall time, cpu seconds) of process trees every ``interval`` s, to read CPU over any window."""
+    """Samples (wall time, cpu seconds of process trees, busy seconds of the machine) every ``interval`` s, to
+    read either over any window."""
 
     def __init__(self, pids: list[int], interval: float = 0.1) -> None:
         self.pids, self.interval = pids, interval
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,17 +91,22 @@ class CpuSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), cpu_seconds(self.pids)))
+            self.samples.append((time.time(), cpu_seconds(self.pids), machine_busy_seconds()))
             self._stop.wait(self.interval)
 
     def at(self, t: float) -> float:
-        """CPU seconds at wall time ``t`` (linear interpolation between samples)."""
+        """CPU seconds of the processes at wall time ``t`` (linear interpolation between samples)."""
+        return self._interpolate(t, 1) if self.samples else cpu_seconds(self.pids)
+
+    def machine_at(self, t: float) -> float:
+        """Busy seconds of the machine at wall time ``t``."""
+        return self._interpolate(t, 2) if self.samples else machine_busy_seconds()
+
+    def _interpolate(self, t: float, i: int) -> float:
         s = self.samples
-        if not s:
-            return cpu_seconds(self.pids)
         if t <= s[0][0]:
-            return s[0][1]
-        for (t0, c0), (t1, c1) in itertools.pairwise(s):
-            if t0 <= t <= t1:
-                return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
-        return s[-1][1]
+            return s[0][i]
+        for a, b in itertools.pairwise(s):
+            if a[0] <= t <= b[0]:
+                return a[i] + (b[i] - a[i]) * (t - a[0]) / max(b[0] - a[0], 1e-9)
+        return s[-1][i]

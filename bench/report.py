@@ -49,25 +49,28 @@ def markdown(res: dict) -> str:
     lines += [
         "## Throughput (median, min-max over runs; wall from first output record to consumer-group lag 0)",
         "",
-        "| run | runs | events/s (wall) | events per worker CPU-second | worker CPU s | wall s |",
-        "|---|---|---|---|---|---|",
+        "| run | runs | events/s (wall) | events per worker CPU-second | worker CPU s | wall s "
+        "| worker cores | machine cores busy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for key, label in LABELS.items():
-        if r := res.get(key):
-            lines.append(
-                f"| {label} | {len(r['runs'])} | {_mmm(r['events_per_s'])} | {_mmm(r['events_per_cpu_s'])} "
-                f"| {r['cpu_s']['median']} | {r['wall_s']['median']} |"
-            )
-    if sc := res.get("scale"):
-        two = sc["two_workers"]
-        lines.append(
-            f"| (c) with 2 workers | {len(two['runs'])} | {_mmm(two['events_per_s'])} | "
-            f"{_mmm(two['events_per_cpu_s'])} | {two['cpu_s']['median']} | {two['wall_s']['median']} |"
+
+    def row(label: str, r: dict) -> str:
+        cores = " | ".join(f"{r[k]['median']}" if k in r else "-" for k in ("worker_cores", "machine_cores"))
+        return (
+            f"| {label} | {len(r['runs'])} | {_mmm(r['events_per_s'])} | {_mmm(r['events_per_cpu_s'])} "
+            f"| {r['cpu_s']['median']} | {r['wall_s']['median']} | {cores} |"
         )
+
+    lines += [row(label, r) for key, label in LABELS.items() if (r := res.get(key))]
+    if sc := res.get("scale"):
+        own = "every worker" in sc.get("note", "")  # its own window (older results: one worker = the (c) runs)
+        if own:
+            lines.append(row("scale: 1 worker, from processing", sc["one_worker"]))
+        lines.append(row("scale: 2 workers, from all processing" if own else "(c) with 2 workers", sc["two_workers"]))
     if ra := res.get("ratios"):
         lines += ["", "Ratios (medians): " + ", ".join(f"{k} = {v}" for k, v in ra.items())]
     if sc:
-        lines += ["", f"Scale: 2 workers / 1 worker (events/s wall) = **{sc['speedup']}x**"]
+        lines += ["", f"Scale: 2 workers / 1 worker (events/s wall) = **{sc['speedup']}x** ({sc.get('note', '')})"]
     if lat := res.get("latency"):
         settings = res.get("settings", {})
         lines += [
