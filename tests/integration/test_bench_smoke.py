@@ -6,7 +6,10 @@ and the result files carry a number for each, so a broken phase fails CI instead
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +21,16 @@ def test_bench_harness_runs_every_phase_and_writes_its_results(kafka_bootstrap, 
     cmd = [sys.executable, "-m", "bench", "--bootstrap", kafka_bootstrap, "--events", "3000", "--users", "300",
            "--runs", "1", "--latency-seconds", "3", "--latency-warmup", "1", "--stop-timeout", "20",
            "--run-timeout", "240", "--out", str(tmp_path), "--name", "smoke"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # its own process group: if the test fails or times out, no worker the bench started outlives it (a
+    # worker whose broker is gone does not stop on SIGTERM)
+    bench = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = bench.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
     res = json.loads((tmp_path / "smoke.json").read_text())
     for key in ("a_raw_aiokafka", "b_minimal_faust", "c_pipeline_alo", "d_pipeline_eos"):
         (run,) = res[key]["runs"]
