@@ -19,7 +19,9 @@ from stream_app.kafka_io import create_topics, group_lag, latest_by_key, produce
 from tests.integration.conftest import free_port, running_worker, wait_until
 from tests.integration.test_profiles_on_kafka import metric
 
-N_EVENTS, N_USERS = 40_000, 2_000
+# a backlog that outlasts the second worker's start (5-10 s) at the worker's speed (about 10,000 events/s):
+# with 40,000 the first worker finished before the second got partitions (CI, once the worker got faster)
+N_EVENTS, N_USERS = 200_000, 2_000
 
 
 def applied(port: str) -> float:
