@@ -65,8 +65,9 @@ STOP_TIMEOUT = [45.0]
 PROBE_TICK_S = 0.005  # the latency probe sends in ticks of 5 ms
 
 
-def stop(proc: subprocess.Popen, timeout: float | None = None) -> str:
-    """SIGTERM, then SIGKILL after ``timeout`` s; returns how it ended."""
+def stop(proc: subprocess.Popen, timeout: float | None = None, log: Path | None = None) -> str:
+    """SIGTERM, then SIGKILL after ``timeout`` s; returns how it ended (with ``log``'s last errors when the
+    process did not exit 0, so a rare failed stop in a long run can be diagnosed from the results)."""
     how = f"already exited rc={proc.returncode}"
     if proc.poll() is None:
         t0 = time.monotonic()
@@ -80,6 +81,9 @@ def stop(proc: subprocess.Popen, timeout: float | None = None) -> str:
             how = f"no exit {time.monotonic() - t0:.0f}s after SIGTERM: SIGKILL"
     with contextlib.suppress(ValueError):
         PROCS.remove(proc)
+    if log is not None and proc.returncode != 0:
+        errors = [line for line in tail(log, 400).splitlines() if "ERROR" in line or "Error" in line]
+        how += "; last errors in its log: " + (" | ".join(e[:300] for e in errors[-3:]) or "none")
     return how
 
 
@@ -379,7 +383,7 @@ class Bench:
             stop(proc)
             raise
         if not keep:
-            res["stop"] = stop(proc)
+            res["stop"] = stop(proc, log=log)
             return res, s, None, log
         return res, s, proc, log
 
@@ -810,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
                             res["memory"] = b.memory(s, proc)
                             say(f"memory: {res['memory']}")
                         finally:
-                            r["stop"] = stop(proc)
+                            r["stop"] = stop(proc, log=log)
                 apps[guarantee] = (s, log)
                 res[key] = summarize(runs)
                 save()
@@ -852,7 +856,7 @@ def main(argv: list[str] | None = None) -> None:
                         res.setdefault("latency", {})[guarantee] = summarize_latency(lat)
                         save()
                 finally:
-                    say(f"stopped: {stop(proc)}")
+                    say(f"stopped: {stop(proc, log=log)}")
             res["ratios"] = ratios(res)
             res["total_s"] = round(time.monotonic() - t_start, 1)
             save()
