@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -101,7 +102,7 @@ def worker(loglevel: str) -> None:
     internal = {t: s.topic_layout()[t] for t in (s.users_changelog_topic, s.trainer_changelog_topic)}
     kw = client_kwargs(s)
     asyncio.run(create_topics(kw.pop("bootstrap_servers"), internal, s.topic_replication, **kw))
-    w = faust.Worker(sa.app, loglevel=loglevel)
+    w = _worker_class(faust.Worker)(sa.app, loglevel=loglevel, shutdown_timeout_s=s.shutdown_timeout_s)
     w.spinner = None  # at warn level its handler sets the root logger to DEBUG: every debug call then costs
     code: int | str | None = 0
     try:
@@ -115,6 +116,37 @@ def worker(loglevel: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 1)
+
+
+def _worker_class(base: type) -> type:
+    """Faust's worker with a bounded stop: with the broker unreachable, Faust 0.15's stop waits forever (its
+    consumer thread does not stop, then the loop hangs gathering futures), so a SIGTERM alone never ends the
+    process. After the first stop signal a timer thread ends it with code 1 once ``shutdown_timeout_s`` passes;
+    nothing is lost (uncommitted offsets are redelivered, an open transaction is aborted by the broker)."""
+
+    class Worker(base):  # the name Faust logs ("[^Worker]: Ready")
+        def __init__(self, *args, shutdown_timeout_s: float, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.shutdown_timeout_s = shutdown_timeout_s
+            self.watchdog: threading.Timer | None = None
+
+        def _schedule_shutdown(self, signum: signal.Signals) -> None:
+            if self.watchdog is None:
+                self.watchdog = threading.Timer(self.shutdown_timeout_s, self._exit_now, args=(signum,))
+                self.watchdog.daemon = True
+                self.watchdog.start()
+            super()._schedule_shutdown(signum)
+
+        def _exit_now(self, signum: signal.Signals) -> None:
+            logging.getLogger("stream_app.worker").error(
+                "worker did not stop within %.0f s of %s (is the broker reachable?): exiting with code 1; "
+                "uncommitted work is redelivered to the next worker", self.shutdown_timeout_s, signum.name)  # fmt: skip
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+    return Worker
 
 
 def sample_events(n_users: int, n_events: int, seed: int, t0_ms: int) -> list[tuple[str, str, dict]]:

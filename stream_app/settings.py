@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         500, ge=1, le=100_000, description="events handled per batch, at most (a fetch's are split into batches)"
     )
     session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a stopping worker that has not exited this long after SIGTERM/SIGINT exits with code 1 "
+        "(with an unreachable broker Faust 0.15 never finishes its stop); its uncommitted work is redelivered",
+    )
 
     clicks_topic: str = "clicks"
     likes_topic: str = "likes"
