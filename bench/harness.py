@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from bench import gen
-from bench.procmon import CpuSampler, cpu_seconds, machine_busy_seconds, rss_bytes
+from bench.procmon import CpuSampler, cpu_seconds, machine_busy_seconds, machine_steal_seconds, rss_bytes
 from stream_app.core.timers import partition_for
 from stream_app.kafka_io import create_topics, group_lag, latest_by_key, partitions_of
 from stream_app.settings import Settings
@@ -294,6 +294,7 @@ class Bench:
             # cores in use while measuring: the worker(s), and the whole machine (broker, bench, rest included)
             "worker_cores": round(cpu / wall, 2),
             "machine_cores": round((busy_end - sampler.machine_at(t_first)) / wall, 2),
+            "steal_cores": round((machine_steal_seconds() - sampler.steal_at(t_first)) / wall, 3),
         }
 
     def raw_loop(self) -> dict:
@@ -427,6 +428,7 @@ class Bench:
                     "rss_mb": round(rss_bytes([p.pid for p in procs]) / 2**20, 1),
                     "worker_cores": round(cpu / wall, 2),
                     "machine_cores": round((sampler.machine_at(t_end) - busy_all) / wall, 2),
+                    "steal_cores": round((sampler.steal_at(t_end) - sampler.steal_at(t_all)) / wall, 3),
                     "all_processing_after_s": round(started, 2),  # after the workers started
                 }
         finally:
@@ -441,7 +443,8 @@ class Bench:
         pids = {"worker": [worker] if worker else [], "probe": [os.getpid()]}
 
         def cpu() -> dict[str, float]:  # the probe is this process alone: its descendants are the workers
-            return {k: cpu_seconds(v, descendants=k != "probe") for k, v in pids.items() if v}
+            own = {k: cpu_seconds(v, descendants=k != "probe") for k, v in pids.items() if v}
+            return own | {"machine": machine_busy_seconds(), "steal": machine_steal_seconds()}
 
         return run_async(self._latency(s, rate, seconds, cpu))
 
@@ -642,7 +645,7 @@ class Bench:
 
 def summarize(runs: list[dict]) -> dict:
     out: dict[str, Any] = {"runs": runs}
-    for k in ("events_per_s", "events_per_cpu_s", "wall_s", "cpu_s", "worker_cores", "machine_cores"):
+    for k in ("events_per_s", "events_per_cpu_s", "wall_s", "cpu_s", "worker_cores", "machine_cores", "steal_cores"):
         vals = [r[k] for r in runs if k in r]  # the cores: results from before they were measured lack them
         if vals:
             out[k] = {"median": round(statistics.median(vals), 2), "min": min(vals), "max": max(vals)}
@@ -653,7 +656,8 @@ def summarize_latency(runs: list[dict]) -> dict:
     """Median and min-max over the probe runs of each percentile (the targets read the median p99)."""
     out: dict[str, Any] = {"runs": runs, "rate_per_s": runs[0]["rate_per_s"]}
     for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "worker_sent_p50_ms", "worker_sent_p99_ms", "catch_up_s",
-              "backlog_at_start", "worker_cpu_cores", "probe_cpu_cores"):  # fmt: skip
+              "backlog_at_start", "worker_cpu_cores", "probe_cpu_cores", "machine_cpu_cores",
+              "steal_cpu_cores"):  # fmt: skip
         vals = [r[k] for r in runs if k in r]
         if vals:
             out[k] = {"median": round(statistics.median(vals), 2), "min": min(vals), "max": max(vals)}
@@ -835,7 +839,12 @@ def main(argv: list[str] | None = None) -> None:
                     / res["scale"]["one_worker"]["events_per_s"]["median"],
                     2,
                 )
-                say(f"scale: {res['scale']['speedup']}x")
+                # The ceiling two workers could reach on this machine: every core busy at the one-worker run's CPU per
+                # event of everything on it (workers, broker, bench), i.e. cores / cores busy with one worker.
+                busy = one.get("machine_cores", {}).get("median")
+                if busy:
+                    res["scale"]["machine_ceiling"] = round((os.cpu_count() or 1) / busy, 2)
+                say(f"scale: {res['scale']['speedup']}x (machine ceiling {res['scale'].get('machine_ceiling')}x)")
             # recovery and latency last: their probe events go into the shared input topics
             for guarantee, key in (("at_least_once", "c_pipeline_alo"), ("exactly_once", "d_pipeline_eos")):
                 if guarantee not in apps or not {"recovery", "latency"} & only:

@@ -71,13 +71,21 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / CLK_TCK
 
 
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this VM's cores to others while they wanted to run (/proc/stat steal): a
+    phase with steal ran on less machine than it seemed, one way run-to-run noise on a VM shows."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return int(fields[7]) / CLK_TCK if len(fields) > 7 else 0.0
+
+
 class CpuSampler:
-    """Samples (wall time, cpu seconds of process trees, busy seconds of the machine) every ``interval`` s, to
-    read either over any window."""
+    """Samples (wall time, cpu seconds of process trees, busy and stolen seconds of the machine) every ``interval``
+    s, to read any of them over any window."""
 
     def __init__(self, pids: list[int], interval: float = 0.1) -> None:
         self.pids, self.interval = pids, interval
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -91,7 +99,7 @@ class CpuSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), cpu_seconds(self.pids), machine_busy_seconds()))
+            self.samples.append((time.time(), cpu_seconds(self.pids), machine_busy_seconds(), machine_steal_seconds()))
             self._stop.wait(self.interval)
 
     def at(self, t: float) -> float:
@@ -101,6 +109,10 @@ class CpuSampler:
     def machine_at(self, t: float) -> float:
         """Busy seconds of the machine at wall time ``t``."""
         return self._interpolate(t, 2) if self.samples else machine_busy_seconds()
+
+    def steal_at(self, t: float) -> float:
+        """Stolen seconds of the machine at wall time ``t``."""
+        return self._interpolate(t, 3) if self.samples else machine_steal_seconds()
 
     def _interpolate(self, t: float, i: int) -> float:
         s = self.samples

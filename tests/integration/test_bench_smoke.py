@@ -38,10 +38,15 @@ def test_bench_harness_runs_every_phase_and_writes_its_results(kafka_bootstrap, 
     for key in ("c_pipeline_alo", "d_pipeline_eos"):
         assert res[key]["runs"][0]["consumed"] == 3000  # every preloaded event went through the pipeline
     assert res["scale"]["two_workers"]["runs"][0]["events_per_s"] > 0 and res["scale"]["speedup"] > 0
+    # the machine's share: busy cores, stolen cores (VM), and the scale two workers could reach on it
+    two = res["scale"]["two_workers"]["runs"][0]
+    assert 0 < two["machine_cores"] <= os.cpu_count() + 0.2 and two["steal_cores"] >= 0
+    assert res["scale"]["machine_ceiling"] >= 1.0
     for guarantee in ("at_least_once", "exactly_once"):
         (lat,) = res["latency"][guarantee]["runs"]
         assert lat["decisions_seen"] > 0 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
         assert lat["worker_sent_p50_ms"] <= lat["p50_ms"] and lat["catch_up_s"] > 0
+        assert lat["machine_cpu_cores"] >= lat["worker_cpu_cores"] > 0 and lat["steal_cpu_cores"] >= 0
         assert res["latency"][guarantee]["p99_ms"]["median"] == lat["p99_ms"]
         assert res["recovery"][guarantee]["restart_to_first_event_s"] > 0
         assert res["recovery"][guarantee]["keys_recovered"] > 0
