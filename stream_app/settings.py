@@ -30,11 +30,12 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1)
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "exactly_once"
     commit_interval_s: float = Field(
-        0.25,
+        0.15,
         gt=0,
         description="offset commit (exactly_once: transaction) interval; outputs of exactly_once "
         "become visible to read_committed consumers at commit, so this bounds decision latency "
-        "(bench: 0.25 s costs no measurable throughput against 1 s and halves the p99)",
+        "(bench, exactly_once at 4,400 events/s, 3 runs each: p99 682 ms at 0.25 s, 355 ms at 0.15 s; "
+        "no measurable throughput cost under a backlog)",
     )
     producer_linger_ms: int = Field(5, ge=0, le=1000, description="batch outputs this long before a produce request")
     fetch_max_wait_ms: int = Field(
