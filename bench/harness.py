@@ -224,13 +224,19 @@ def wait_lag_zero(
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"process exited {p.returncode}; log tail:\n{tail(log)}")
-        try:
-            if run_async(group_lag(bootstrap, group, topics)) == 0:
-                return time.time()
-        except KafkaError:  # e.g. the group coordinator is not there yet on a fresh broker
-            pass
+        if lag_of(bootstrap, group, topics) == 0:
+            return time.time()
         time.sleep(poll)
     raise TimeoutError(f"lag of {group} not 0 after {timeout}s; log tail:\n{tail(log)}")
+
+
+def lag_of(bootstrap: str, group: str, topics: list[str]) -> int | None:
+    """The group's lag, or None while Kafka cannot tell (e.g. the group coordinator is not there yet on a fresh
+    broker: the first group creates the offsets topic)."""
+    try:
+        return run_async(group_lag(bootstrap, group, topics))
+    except KafkaError:
+        return None
 
 
 def tail(log: Path, n: int = 40) -> str:
@@ -408,7 +414,7 @@ class Bench:
                     if time.monotonic() - t0 > self.a.run_timeout or any(p.poll() is not None for p in procs):
                         raise RuntimeError(f"scale: not every worker started processing; log tail:\n{tail(log)}")
                     polls += 1
-                    if polls % 10 == 0 and run_async(group_lag(self.bootstrap, app_id, self.input_topics)) == 0:
+                    if polls % 10 == 0 and lag_of(self.bootstrap, app_id, self.input_topics) == 0:
                         # done before every worker had events (toy sizes): measured from the first output
                         return self.measure("scale", procs, app_id, s.users_changelog_topic, log, sampler)
                     time.sleep(0.05)
