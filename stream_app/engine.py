@@ -198,13 +198,18 @@ class Engine:
         if out.segment_sample is not None:
             batch.append((s.model_inputs_topic, b"segments", sample_record(out.segment_sample), None))
 
-    def rebuild_timers(self) -> None:
-        """After a rebalance: schedule every user this worker holds (partitions are recovered by now)."""
-        self.timers.clear()
+    def rebuild_timers(self, partitions: set[int] | None = None) -> None:
+        """Schedule every user this worker holds (default), or only those of ``partitions`` (just recovered:
+        a rebalance that keeps a partition keeps its timers and its watermark)."""
+        if partitions is None:
+            self.timers.clear()
+        else:
+            self.timers.drop(partitions)
         for user_id, stored in self.users.items():
             if stored is not None and stored != ERASED:
-                due = stored_due_ms(orjson.loads(stored), self.config)
-                self.timers.schedule(partition_for(user_id, self.nparts), user_id, due)
+                p = partition_for(user_id, self.nparts)
+                if partitions is None or p in partitions:
+                    self.timers.schedule(p, user_id, stored_due_ms(orjson.loads(stored), self.config))
         self.index_fresh = True
 
     def store(self, batch: list[Record], user_id: str, state: UserState | None, partition: int) -> None:

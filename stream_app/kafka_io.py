@@ -7,12 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+
+from stream_app.settings import Settings
+
+
+def client_kwargs(settings: Settings) -> dict:
+    """Connection settings for plain aiokafka clients, matching the Faust app's (incl. SASL over TLS)."""
+    kw: dict = {"bootstrap_servers": settings.bootstrap_servers}
+    if settings.broker_credentials_mechanism:
+        kw |= {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": settings.broker_credentials_mechanism,
+            "sasl_plain_username": settings.broker_username,
+            "sasl_plain_password": settings.broker_password.get_secret_value(),
+            "ssl_context": ssl.create_default_context(cafile=settings.broker_cafile or None),
+        }
+    return kw
 
 
 async def create_topics(

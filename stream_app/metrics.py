@@ -50,6 +50,9 @@ class Metrics:
     state_users: Gauge
     state_bytes: Gauge
     state_recovery_seconds: Histogram
+    transactions_failed: Counter
+    internal_errors: Counter
+    model_params_ignored: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -132,8 +135,25 @@ class Metrics:
             "stream_app_state_recovery_seconds", "Time to load owned state partitions from their changelog.",
             buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=registry,
         )  # fmt: skip
+        failed = Counter(
+            "stream_app_transactions_failed_total",
+            "Source partitions whose effects could not be committed (aborted, fenced, undeliverable): their "
+            "state is reloaded and their messages consumed again after a rebalance.", registry=registry,
+        )  # fmt: skip
+        internal = Counter(
+            "stream_app_internal_errors_total",
+            "Records dead-lettered because applying them raised an unexpected error (a bug: look at the logs).",
+            registry=registry,
+        )  # fmt: skip
+        params_ignored = Counter(
+            "stream_app_model_params_ignored_total", "Model-params records that are not a valid model version.",
+            registry=registry,
+        )  # fmt: skip
         return cls(
             registry=registry,
+            transactions_failed=failed,
+            internal_errors=internal,
+            model_params_ignored=params_ignored,
             state_recovery_seconds=recovery,
             suppressions=_Children(suppressions, ("campaign", "reason")),
             repartitioned=repartitioned,

@@ -60,7 +60,13 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(
         500, ge=1, le=100_000, description="events handled per batch, at most (a fetch's are split into batches)"
     )
-    session_timeout_s: float = Field(30.0, ge=6, description="a crashed worker's partitions move after this")
+    merge_max_held: int = Field(
+        50_000, ge=0, description="events held per partition to hand its topics over in event-time order "
+        "under a backlog (0: as fetched)",
+    )  # fmt: skip
+    session_timeout_s: float = Field(
+        10.0, ge=6, description="a crashed worker's partitions move after this (and a restarted one waits this long)"
+    )
     shutdown_timeout_s: float = Field(
         30.0,
         gt=0,

@@ -7,6 +7,7 @@ so that any payload, including non-UTF-8 garbage, survives the trip intact.
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import orjson
 
@@ -15,24 +16,35 @@ from stream_app.core.features import TRAITS_SCHEMA
 from stream_app.core.pipeline import Label
 from stream_app.core.policy import Decision
 
+DEAD_LETTER_VALUE_BYTES = 64 * 1024  # of the original value kept in a dead letter (base64: 87 KB at most)
+
 
 def dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, code: str, reason: str) -> bytes:
     """Serialize a dead-letter record.
 
+    The original value is kept whole up to ``DEAD_LETTER_VALUE_BYTES``; beyond that its first bytes, its size
+    and its SHA-256 (the record itself is at the source offset): a dead letter of a near-1 MB input would
+    exceed the broker's record size limit, and a refused record breaks its producer's partition.
+
     >>> import orjson
     >>> orjson.loads(dead_letter(b"\\xff", "clicks", 0, 7, "malformed_json", "bad"))["value_b64"]
     '/w=='
+    >>> big = orjson.loads(dead_letter(b"x" * 900_000, "clicks", 0, 7, "too_large", "big"))
+    >>> big["value_bytes"], big["value_truncated"], len(big["value_b64"]) < 90_000
+    (900000, True, True)
     """
-    return orjson.dumps(
-        {
-            "value_b64": base64.b64encode(raw or b"").decode("ascii"),
-            "source_topic": topic,
-            "source_partition": partition,
-            "source_offset": offset,
-            "error_code": code,
-            "reason": reason,
-        }
-    )
+    raw = raw or b""
+    record = {
+        "value_b64": base64.b64encode(raw[:DEAD_LETTER_VALUE_BYTES]).decode("ascii"),
+        "source_topic": topic,
+        "source_partition": partition,
+        "source_offset": offset,
+        "error_code": code,
+        "reason": reason,
+    }
+    if len(raw) > DEAD_LETTER_VALUE_BYTES:
+        record |= {"value_bytes": len(raw), "value_truncated": True, "value_sha256": hashlib.sha256(raw).hexdigest()}
+    return orjson.dumps(record)
 
 
 def decision_record(d: Decision) -> bytes:

@@ -110,6 +110,13 @@ class Timers:
                 users.append(user)
         return users
 
+    def drop(self, partitions: set[int]) -> None:
+        """Forget ``partitions`` (lost, or about to be indexed again from recovered state)."""
+        for p in partitions:
+            self._heaps.pop(p, None)
+            self._due.pop(p, None)
+            self.watermarks.pop(p, None)
+
     def clear(self) -> None:
         """Forget everything (after a rebalance the index is rebuilt from the table)."""
         self._heaps.clear()
