@@ -454,7 +454,7 @@ def render(s: dict[str, Any]) -> str:
         f"{', '.join(map(str, c['seeds']))}, push rate {c['push_rate']:g} of eligible triggers, warm-up "
         f"{c['warmup_days']} days). {len(s['runs'])} runs, {events:,} simulated messages; simulations took "
         f"{s['simulation_seconds']:.0f} s with {c['workers']} worker processes. The simulator and the policies are "
-        'described in the README ("Simulator", "Evaluation"); every number below is recomputed by the command.',
+        "described in docs/simulator.md and docs/evaluation.md; every number below is recomputed by the command.",
         "",
         "## Targets",
         "",
@@ -467,7 +467,7 @@ def render(s: dict[str, Any]) -> str:
         "",
         "## Policies at equal push volume",
         "",
-        'Every policy pushes the top share of its own candidates (see README, "Evaluation"). Incremental '
+        "Every policy pushes the top share of its own candidates (see docs/evaluation.md). Incremental "
         "conversions are payments in the policy's run minus payments in the no-push run of the same seed (same "
         "users, same organic behaviour), per 1,000 delivered pushes; 95% intervals from a bootstrap over users "
         '(stratified by seed). "Expected" is the ground truth: the mean true uplift of the pushes the policy '

@@ -3,7 +3,7 @@
 Everything here is a pure function of its arguments (a seeded ``random.Random`` is passed in). The
 pipeline never sees any of it: it only sees the events the simulator emits.
 
-Model (also in the README, "Simulator"):
+Model (also in docs/simulator.md):
 
 - Six latent **types** differ in activity (browsing events per day), like/click mix, preferred categories,
   order value, time zone, active hours (one or two local peaks) and organic payment rate. Users of a type

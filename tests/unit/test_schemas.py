@@ -490,8 +490,8 @@ def test_rejected_consent_commands_become_valid_dead_letters():
     assert parse_consent(b'{"user_id": "u1", "action": "opt_out", "source": "app"}') == ("u1", "opt_out")
 
 
-def test_the_readme_s_decision_example_is_a_valid_decision():
-    blocks = re.findall(r"```json\n(.*?)```", (SCHEMAS.parent / "README.md").read_text(), re.DOTALL)
+def test_the_contracts_doc_s_decision_example_is_a_valid_decision():
+    blocks = re.findall(r"```json\n(.*?)```", (SCHEMAS.parent / "docs" / "contracts.md").read_text(), re.DOTALL)
     examples = [json.loads(b) for b in blocks if '"decision.v1"' in b]
     assert examples
     for example in examples:
