@@ -24,8 +24,6 @@ import pytest
 from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version, metadata_round_trip
 from stream_app.settings import Settings
 
-pytestmark = pytest.mark.integration
-
 
 def _docker_answers() -> bool:
     if shutil.which("docker") is None:
