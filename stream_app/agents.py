@@ -59,6 +59,9 @@ class Worker:
     to_check: set[TP] = field(default_factory=set)  # the last assignment, until check_assignment has run
     _tasks: set[asyncio.Task] = field(default_factory=set)
     segment_writes: int = 0
+    models_caught_up: bool = False  # the model versions published before this worker started are read (/readyz)
+    models_detail: str = "reading model-params"
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)  # the readiness timer and batches both load
 
     def __post_init__(self) -> None:
         self.consent_topic = self.settings.consent_topic
@@ -141,6 +144,10 @@ class Worker:
     async def ensure_users(self) -> None:
         """Before a message: the assignment is checked, every user-keyed partition this worker owns is loaded
         (all at once, so the timer index sees every user), and newly loaded partitions' timers are indexed."""
+        async with self.loading:
+            await self._ensure_users()
+
+    async def _ensure_users(self) -> None:
         if self.to_check:
             await self.check_assignment()
         owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic in self.user_topics}
@@ -272,11 +279,17 @@ class Worker:
             kw = client_kwargs(settings)
             while not (parts := await partitions_of(kw.pop("bootstrap_servers"), settings.model_params_topic, **kw)):
                 kw = client_kwargs(settings)
+                self.models_caught_up, self.models_detail = True, "no model-params topic yet: nothing to wait for"
                 await asyncio.sleep(1.0)  # not created yet: the first publication will create it
             tps = [TopicPartition(settings.model_params_topic, p) for p in parts]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
+            started_at = await consumer.end_offsets(tps)  # read_committed: the last stable offsets
             while True:
+                if not self.models_caught_up:
+                    behind = sum([max(0, started_at[tp] - await consumer.position(tp)) for tp in tps])
+                    self.models_caught_up = behind == 0
+                    self.models_detail = f"{behind} model records behind the versions published before start"
                 batch = await consumer.getmany(timeout_ms=500)
                 for msgs in batch.values():
                     for msg in msgs:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
-from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
+from stream_app import faust_metrics, health
 from stream_app.agents import Worker
 from stream_app.campaigns import load_campaigns
 from stream_app.core.pipeline import Config, Models
@@ -29,7 +29,7 @@ from stream_app.ordering import EventTimeMerge
 from stream_app.outbox import Outbox, send_records
 from stream_app.settings import Settings
 from stream_app.store import ChangelogStore
-from stream_app.transport import BatchFeed, FetchWait, Monitor, transport_for
+from stream_app.transport import BatchFeed, FetchWait, transport_for
 
 __all__ = ["ChangelogStore", "ModelStore", "Outbox", "StreamApp", "client_kwargs", "create_app", "send_records"]
 
@@ -82,17 +82,15 @@ def create_app(
         settings.app_id,
         broker=settings.broker,
         broker_credentials=broker_credentials(settings),
-        store=settings.store,
         datadir=settings.datadir,
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
+        topic_replication_factor=settings.topic_replication or 1,  # 0: the CLI resolves it from the cluster
         processing_guarantee=settings.processing_guarantee,
         broker_commit_interval=settings.commit_interval_s,
         broker_session_timeout=settings.session_timeout_s,
         producer_linger=settings.producer_linger_ms / 1000,
         web_bind=settings.web_bind,
         web_port=settings.web_port,
-        web_tables_enabled=settings.table_views,
         key_serializer="json",  # table keys (user ids) as JSON strings; topics below override to raw
         value_serializer="json",
         autodiscover=False,
@@ -109,8 +107,7 @@ def create_app(
     app.transport = transport_for(app, settings.fetch_max_wait_ms, [feed, train_feed])
     fetch_wait = FetchWait(settings.fetch_max_wait_ms, settings.fetch_max_wait_backlog_ms,
                            settings.fetch_backlog_events, settings.fetch_max_wait_ms)  # fmt: skip
-    setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
-    app.monitor = Monitor(metrics=app.monitor._metrics)
+    app.monitor = faust_metrics.install(app, metrics.registry)  # Faust's sensors, conventional names; /metrics
 
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     topics = {
@@ -130,6 +127,22 @@ def create_app(
     worker = Worker(app, settings, engine, users, trainer, trainer_state, models, metrics, outbox)
     app.on_partitions_revoked.connect(worker.on_revoked)
     app.on_partitions_assigned.connect(worker.on_assigned)
+    ready = health.install(app, health.Health(on_ready=metrics.worker_ready.set))
+    joined: list[bool] = []
+
+    def on_joined(_sender: Any, assigned: set, **__: Any) -> None:
+        joined[:] = [True]
+
+    app.on_partitions_assigned.connect(on_joined)
+
+    def assigned() -> tuple[bool, str]:
+        return bool(
+            joined
+        ) and not app.rebalancing, "rebalancing" if app.rebalancing else "joined" if joined else "joining"
+
+    ready.add_check("assigned", assigned)
+    ready.add_check("state", lambda: health.recovered(app, users, worker.user_topics))
+    ready.add_check("models", lambda: (worker.models_caught_up, worker.models_detail))
 
     @app.task
     async def bind_transactions() -> None:
@@ -178,7 +191,11 @@ def create_app(
 
     @app.timer(5.0)
     async def observe_state() -> None:
+        if not app.rebalancing:
+            await worker.ensure_users()  # recover owned state before traffic needs it: /readyz reports it
         worker.observe_state()
+        ready.ready()  # sets the readiness gauge also when no probe asks
+        metrics.event_loop_lag_seconds.set(ready.loop_lag_s)
 
     @app.timer(settings.model_publish_interval_ms / 1000)
     async def flush_models() -> None:

@@ -38,6 +38,7 @@ COUNTERS = ("stream_app_events_consumed_total{", "stream_app_events_rejected_tot
 
 
 @click.group()
+@click.version_option(package_name="stream-app", message="%(prog)s %(version)s")
 def main() -> None:
     """stream_app: real-time push targeting on Kafka. Settings come from STREAM_APP_* variables."""
 
@@ -73,15 +74,50 @@ def kafka_status(port: int | None) -> None:
 
 
 @main.command("topics")
-def topics() -> None:
-    """Create every topic the app uses (inputs, consent, outputs, model topics) with its partitions."""
+@click.option("--check", "check_only", is_flag=True,
+              help="create nothing: report every topic whose partitions, compaction or replication differ from "
+                   "what the app needs (exit 1 if any)")  # fmt: skip
+def topics(check_only: bool) -> None:
+    """Create every topic the app uses (inputs, consent, outputs, model topics, state changelogs).
+
+    Existing topics are never altered: `--check` lists how they differ."""
     from stream_app.app import client_kwargs
-    from stream_app.kafka_io import create_topics
+    from stream_app.topic_check import check_topics
 
     s = _settings()
     kw = client_kwargs(s)  # SASL over TLS too, when configured
-    made = asyncio.run(create_topics(kw.pop("bootstrap_servers"), s.topic_layout(), s.topic_replication, **kw))
-    click.echo(f"created: {', '.join(made) or 'nothing (all exist)'}")
+    if check_only:
+        found = asyncio.run(check_topics(s, **kw))
+        for mismatch in found:
+            click.echo(f"MISMATCH {mismatch}")
+        if found:
+            raise click.ClickException(f"{len(found)} topic mismatches (topics are never altered automatically)")
+        click.echo(f"all {len(s.topic_layout())} topics match: partitions, cleanup policy, replication, min ISR")
+        return
+    s, made = asyncio.run(_create_topics(s, s.topic_layout()))
+    click.echo(f"created: {', '.join(made) or 'nothing (all exist)'} "
+               f"(replication {s.topic_replication}, min.insync.replicas {s.topic_min_insync_replicas})")  # fmt: skip
+
+
+async def _create_topics(s, layout: dict) -> tuple:
+    """Create the missing topics of ``layout`` with the effective replication and min ISR; returns the settings
+    with those resolved (0 = production default, capped by the brokers there are) and the topics made."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stream_app.app import client_kwargs
+    from stream_app.kafka_io import create_topics
+    from stream_app.topic_check import broker_count, effective_replication
+
+    admin = AIOKafkaAdminClient(**client_kwargs(s))
+    await admin.start()
+    try:
+        rf, isr = effective_replication(s, await broker_count(admin))
+    finally:
+        await admin.close()
+    s = s.model_copy(update={"topic_replication": rf, "topic_min_insync_replicas": isr})
+    layout = {t: (n, {**configs, "min.insync.replicas": str(isr)}) for t, (n, configs) in layout.items()}
+    kw = client_kwargs(s)
+    return s, await create_topics(kw.pop("bootstrap_servers"), layout, rf, **kw)
 
 
 @main.command("worker")
@@ -90,19 +126,19 @@ def worker(loglevel: str) -> None:
     """Run one Faust worker (blocks; SIGTERM/SIGINT stop it cleanly)."""
     import faust
 
-    from stream_app.app import client_kwargs, create_app
-    from stream_app.kafka_io import create_topics
+    from stream_app.app import create_app
+    from stream_app.logs import logging_config
 
     s = _settings()
+    # the app's own state topics (compacted, co-partitioned) must exist before the first write
+    internal = {t: s.topic_layout()[t] for t in (s.users_changelog_topic, s.trainer_changelog_topic)}
+    s, _ = asyncio.run(_create_topics(s, internal))  # also resolves the replication Faust's own topics get
     try:
         sa = create_app(s)
     except ValueError as e:  # a bad campaign file: the located message, no traceback
         raise click.ClickException(str(e)) from None
-    # the app's own state topics (compacted, co-partitioned) must exist before the first write
-    internal = {t: s.topic_layout()[t] for t in (s.users_changelog_topic, s.trainer_changelog_topic)}
-    kw = client_kwargs(s)
-    asyncio.run(create_topics(kw.pop("bootstrap_servers"), internal, s.topic_replication, **kw))
-    w = _worker_class(faust.Worker)(sa.app, loglevel=loglevel, shutdown_timeout_s=s.shutdown_timeout_s)
+    w = _worker_class(faust.Worker)(sa.app, loglevel=loglevel, shutdown_timeout_s=s.shutdown_timeout_s,
+                                    logging_config=logging_config(s.log_format, loglevel))  # fmt: skip
     w.spinner = None  # at warn level its handler sets the root logger to DEBUG: every debug call then costs
     code: int | str | None = 0
     try:
@@ -289,6 +325,74 @@ def _wait_for(cond, timeout: float, proc: subprocess.Popen, log: Path, what: str
             return
         time.sleep(0.3)
     raise click.ClickException(f"timed out after {timeout}s waiting for {what} (log: {log})")
+
+
+def _duration(ms: int) -> str:
+    """``90000`` -> ``"90s"``: the largest unit that divides it, as the campaign file writes durations.
+
+    >>> _duration(48 * 3600_000), _duration(90_000), _duration(1500)
+    ('2d', '90s', '1.5s')
+    """
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms / 1000:g}s"
+
+
+@main.group()
+def campaigns() -> None:
+    """The campaign config file (YAML or JSON)."""
+
+
+@campaigns.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def campaigns_check(path: Path) -> None:
+    """Validate PATH, then print the effective config (every default filled in) and what each event type,
+    and the lapse timer, triggers, in the order a worker decides. Exit 1 with located errors if invalid."""
+    from stream_app.campaigns import load_campaigns
+    from stream_app.core.policy import LAPSE
+
+    try:
+        found, g = load_campaigns(path)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{path}: valid, {len(found)} campaigns")
+    click.echo(f"guardrails: at most {g.max_pushes_24h} pushes per user per 24 h, min gap {_duration(g.min_gap_ms)}, "
+               f"quiet hours {g.quiet_start_hour:02d}:00-{g.quiet_end_hour:02d}:00 local ({g.quiet_mode}), "
+               f"decision ttl {_duration(g.decision_ttl_ms)}")  # fmt: skip
+    for c in found:
+        click.echo(f"campaign {c.name} (priority {c.priority}, mode {c.mode}):")
+        lapse = f" (quiet for {_duration(c.lapse_after_ms)})" if LAPSE in c.triggers else ""
+        click.echo(f"  triggers: {', '.join(c.triggers)}{lapse}")
+        click.echo(f"  eligibility: {', '.join(map(str, c.eligibility)) or 'everyone'}; "
+                   f"segments: {', '.join(map(str, c.segments)) or 'all'}")  # fmt: skip
+        click.echo(f"  push if score >= {c.threshold} (prior {c.prior} until {c.min_labels} labels; "
+                   f"cold-start push share {c.cold_start_share}); holdout {c.holdout_share}, "
+                   f"exploration {c.exploration_share}")  # fmt: skip
+        click.echo(f"  cooldown {_duration(c.cooldown_ms)}, attribution window {_duration(c.attribution_window_ms)}")
+    click.echo("what triggers what (highest priority first):")
+    for trigger in (*EVENT_TYPES, LAPSE):
+        names = [c.name for c in sorted(found, key=lambda c: -c.priority) if trigger in c.triggers]
+        click.echo(f"  {trigger:<8} -> {', '.join(names) or 'nothing'}")
+
+
+@main.command("explain")
+@click.argument("user_id")
+@click.option("--last", default=10, show_default=True, help="decisions to show")
+@click.option("--scan", default=200_000, show_default=True,
+              help="audit records to read back from the end of the user's partition")  # fmt: skip
+def explain_cmd(user_id: str, last: int, scan: int) -> None:
+    """Why USER_ID got (or did not get) pushes: profile, consent, segment, open label windows and the last
+    decisions with their reasons, read from the topics (the worker's settings say which)."""
+    from stream_app.app import client_kwargs
+    from stream_app.explain import explain, render
+
+    s = _settings()
+    kw = client_kwargs(s)
+    kw.pop("bootstrap_servers")
+    found = asyncio.run(explain(s, user_id, scan=scan, last=last, **kw))
+    for line in render(found):
+        click.echo(line)
 
 
 @main.command("replay")

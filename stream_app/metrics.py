@@ -53,6 +53,8 @@ class Metrics:
     transactions_failed: Counter
     internal_errors: Counter
     model_params_ignored: Counter
+    worker_ready: Gauge
+    event_loop_lag_seconds: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -149,11 +151,21 @@ class Metrics:
             "stream_app_model_params_ignored_total", "Model-params records that are not a valid model version.",
             registry=registry,
         )  # fmt: skip
+        ready = Gauge(
+            "stream_app_worker_ready", "1 while /readyz passes: joined, owned state recovered, models read.",
+            registry=registry,
+        )  # fmt: skip
+        loop_lag = Gauge(
+            "stream_app_event_loop_lag_seconds", "How late the event loop woke a 0.5 s heartbeat (last beat).",
+            registry=registry,
+        )  # fmt: skip
         return cls(
             registry=registry,
             transactions_failed=failed,
             internal_errors=internal,
             model_params_ignored=params_ignored,
+            worker_ready=ready,
+            event_loop_lag_seconds=loop_lag,
             state_recovery_seconds=recovery,
             suppressions=_Children(suppressions, ("campaign", "reason")),
             repartitioned=repartitioned,

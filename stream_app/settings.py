@@ -24,10 +24,20 @@ class Settings(BaseSettings):
 
     app_id: str = "stream-app"
     broker: str = Field("kafka://127.0.0.1:9092", description="Faust broker URL(s), kafka://host:port;...")
-    store: str = Field("memory://", description="table store; state is rebuilt from Kafka changelogs")
     datadir: str = "/tmp/stream-app-data"
     topic_partitions: int = Field(4, ge=1, description="partitions of the topics the app creates")
-    topic_replication: int = Field(1, ge=1)
+    topic_replication: int = Field(
+        0,
+        ge=0,
+        description="replication factor of the topics the app creates; 0 = the production default, "
+        "3, capped by the brokers in the cluster (1 on a single local broker)",
+    )
+    topic_min_insync_replicas: int = Field(
+        0,
+        ge=0,
+        description="min.insync.replicas of the topics the app creates; 0 = replication - 1 (2 for 3), "
+        "at least 1: with acks=all a write then survives one broker down and is refused rather than kept once",
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "exactly_once"
     commit_interval_s: float = Field(
         0.15,
@@ -95,7 +105,7 @@ class Settings(BaseSettings):
 
     web_bind: str = Field("127.0.0.1", description="metrics web server address; 0.0.0.0 exposes it")
     web_port: int = Field(6066, ge=1, le=65535)
-    table_views: bool = Field(False, description="Faust's /table pages expose user data: off by default")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
     broker_credentials_mechanism: Literal["", "SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = ""
     broker_username: str = ""

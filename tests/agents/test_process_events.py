@@ -17,7 +17,7 @@ T0 = 1_700_000_000  # the Kafka record time (seconds) every test message carries
 @pytest.fixture
 def sa(tmp_path):
     # at_least_once: test_context() has no transactional producers (exactly_once is proven on the real broker)
-    sa = create_app(Settings(app_id="agent-test", datadir=str(tmp_path), store="memory://",
+    sa = create_app(Settings(app_id="agent-test", datadir=str(tmp_path),
                              processing_guarantee="at_least_once"), recover=False)  # fmt: skip
     sa.outbox.flush = AsyncMock()  # captures each message's atomic batch of effects
     return sa
