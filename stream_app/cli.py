@@ -38,7 +38,7 @@ COUNTERS = ("stream_app_events_consumed_total{", "stream_app_events_rejected_tot
 
 
 @click.group()
-@click.version_option(package_name="stream-app", message="%(prog)s %(version)s")
+@click.version_option(package_name="stream-app", message="stream-app %(version)s")
 def main() -> None:
     """stream_app: real-time push targeting on Kafka. Settings come from STREAM_APP_* variables."""
 
