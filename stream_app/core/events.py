@@ -202,22 +202,22 @@ def _tz_offset(obj: dict, ts_ms: int) -> int | None:
     A ``tz`` the time-zone database does not know is ignored (the offset stays unknown): it is a hint about
     the user, and the event it rides on is still true. An offset out of range is an error, as the schema says.
     """
-    off = obj.get("tz_offset_min")
+    off, name = obj.get("tz_offset_min"), obj.get("tz")
+    if name is not None and not isinstance(name, str):
+        raise InvalidEvent("bad_timezone", "tz must be an IANA time zone name such as 'Europe/Berlin'")
     if off is not None:
         if isinstance(off, float) and off.is_integer():
             off = int(off)  # JSON Schema's "integer" includes 60.0
         if isinstance(off, bool) or not isinstance(off, int) or not -14 * 60 <= off <= 14 * 60:
             raise InvalidEvent("bad_timezone", "tz_offset_min must be an integer in -840..840")
         return off
-    name = obj.get("tz")
     if name is None:
         return None
-    if not isinstance(name, str):
-        raise InvalidEvent("bad_timezone", "tz must be an IANA time zone name such as 'Europe/Berlin'")
     zone = _zone(name) if len(name) <= 64 else None
     if zone is None:
         return None
-    at = min(max(ts_ms, MIN_TS_MS), MAX_TS_MS)  # an ISO time near a bound may lie just outside after its offset
+    # local time must stay within years 1..9999 too: near the bounds, the offset of two days inside them
+    at = min(max(ts_ms, MIN_TS_MS + 2 * DAY_MS), MAX_TS_MS - 2 * DAY_MS)
     delta = datetime.fromtimestamp(at / 1000, zone).utcoffset()
     return int(delta.total_seconds() // 60) if delta is not None else 0
 
@@ -233,13 +233,17 @@ def _zone(name: str) -> ZoneInfo | None:
 # ISO-8601 as the event schema accepts it (schemas/event.v1.json, ts; a test checks they are the same
 # pattern): extended format, years 1970-9999, real calendar dates, hours 00-23, an optional fraction of up to 9
 # digits, and a UTC offset (Z, +hh:mm or +hhmm). No week dates, no basic format, no space, no hour-only offset.
-_LEAP = r"(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29"
-_DATE = r"\d{4}-(((0[13578]|1[02])-(0[1-9]|[12]\d|3[01]))|((0[469]|11)-(0[1-9]|[12]\d|30))|(02-(0[1-9]|1\d|2[0-8])))"
+_LEAP = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29"
+_DATE = (r"[0-9]{4}-(((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01]))|((0[469]|11)-(0[1-9]|[12][0-9]|30))"
+         r"|(02-(0[1-9]|1[0-9]|2[0-8])))")  # fmt: skip
+# [0-9], not \d (Python's matches every Unicode digit, ECMA-262's only ASCII); "$(?![\s\S])", not "$" (Python's
+# also matches before a final newline): the pattern means the same to the parser and to any schema validator
 ISO_TS_PATTERN = (
-    r"^(?=(19[7-9]\d|[2-9]\d{3})-)(" + _DATE + "|" + _LEAP + r")"
-    r"T([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,9})?)?(Z|[+-]([01]\d|2[0-3]):?[0-5]\d)$"
+    r"^(?=(19[7-9][0-9]|[2-9][0-9]{3})-)(" + _DATE + "|" + _LEAP + r")"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,9})?)?(Z|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])$(?![\s\S])"
 )
-_ISO = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d)(?::(\d\d)(?:\.(\d+))?)?(?:Z|([+-])(\d\d):?(\d\d))")
+_ISO = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.([0-9]+))?)?"
+                  r"(?:Z|([+-])([0-9]{2}):?([0-9]{2}))")  # fmt: skip
 _ISO_VALID = re.compile(ISO_TS_PATTERN)
 _EPOCH_DAYS = date(1970, 1, 1).toordinal()
 
