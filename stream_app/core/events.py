@@ -154,7 +154,7 @@ def decode_object(raw: bytes | None, limits: EventLimits) -> dict:
 
 
 def _why_not_json(raw: bytes, msg: str) -> InvalidEvent:
-    if not raw.strip():
+    if not raw.strip(b" \t\n\r"):  # JSON's whitespace
         return InvalidEvent("empty_value", "the value is empty")
     try:
         text = raw.decode("utf-8")
