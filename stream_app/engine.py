@@ -191,9 +191,8 @@ class Engine:
     # the worker's clock (epoch ms), passed in by the shell: event time may not lead it by more than the skew,
     # nor the watermark by more than its lead. None (replay): the record times are the only reference.
     clock: Callable[[], int] | None = None
-    # True (the worker): dead letters are counted only once ``written`` says their batch reached Kafka
+    # True (the worker): the shell counts a dead letter (``counted``) only once the batch holding it was sent
     count_on_write: bool = False
-    unwritten: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -207,10 +206,12 @@ class Engine:
         m = self.metrics
         self.rejected_counters = {"event": m.events_rejected, "consent": m.consent_rejected,
                                   "model_input": m.model_inputs_rejected}  # fmt: skip
+        self.kind_of = {s.consent_topic: "consent", s.model_inputs_topic: "model_input"}
 
     # -- entry points: one record each; never raise -----------------------------------------------------------------
     def apply(self, batch: list[Record], msg: Message) -> tuple[str, str]:
-        """One record of an input or the consent topic, whichever it is (one path, one order per partition)."""
+        """One record of an input or the consent topic, whichever it is (one path, one order per partition);
+        dead-lettered, never raised, if applying it fails."""
         if msg.topic == self.settings.consent_topic:
             return self.on_consent(batch, msg)
         return self.on_event(batch, msg)
@@ -253,11 +254,9 @@ class Engine:
 
     def _commit(self, work: Work, batch: list[Record]) -> None:
         work.commit(batch)
-        if work.rejected:
-            if self.count_on_write:
-                self.unwritten += work.rejected
-            else:
-                self._count(work.rejected)
+        if not self.count_on_write:
+            for kind, code in work.rejected:
+                self.rejected_counters[kind][code].inc()
 
     def internal_error(self, batch: list[Record], msg: Message, exc: BaseException,
                        kind: str = "event") -> tuple[str, str]:  # fmt: skip
@@ -266,25 +265,17 @@ class Engine:
         this too, for an exception raised around the engine while handling one record."""
         name = type(exc).__name__
         log.error("internal error on %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, name, exc_info=exc)
+        self.metrics.internal_errors.inc()
         work = Work(self.users)
         reason = f"{name} while applying the record: a defect, kept here to be replayed once fixed"
         self.reject(work, msg, InvalidEvent("internal_error", reason), kind, exception=name)
         self._commit(work, batch)
         return ("dead_letter", "internal_error")
 
-    def written(self) -> None:
-        """The shell's batch reached Kafka: count its dead letters (``count_on_write``)."""
-        if self.unwritten:
-            self._count(self.unwritten)
-            self.unwritten = []
-
-    def unsent(self) -> None:
-        """The shell's batch did not reach Kafka (it will be redelivered): its dead letters are not counted."""
-        self.unwritten = []
-
-    def _count(self, rejected: list[tuple[str, str]]) -> None:
-        for kind, code in rejected:
-            self.rejected_counters[kind][code].inc()
+    def counted(self, topic: str, code: str) -> None:
+        """Count one dead letter of a record of ``topic`` (``count_on_write``: the shell calls this once the
+        records holding the dead letter were sent; a batch that failed is redelivered and counted then)."""
+        self.rejected_counters[self.kind_of.get(topic, "event")][code].inc()
 
     # -- the steps ----------------------------------------------------------------------------------------------------
     def _event(self, work: Work, msg: Message) -> tuple[str, str]:

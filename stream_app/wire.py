@@ -46,7 +46,11 @@ def dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, code
         "reason": reason,
     }
     if len(value) > DEAD_LETTER_VALUE_BYTES:
-        record |= {"value_bytes": len(value), "value_truncated": True, "value_sha256": hashlib.sha256(value).hexdigest()}
+        record |= {
+            "value_bytes": len(value),
+            "value_truncated": True,
+            "value_sha256": hashlib.sha256(value).hexdigest(),
+        }
     if raw is None:
         record["value_is_null"] = True
     if exception is not None:

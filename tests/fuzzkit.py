@@ -9,6 +9,7 @@ so a wrong reason in the parser is a disagreement, not a tautology.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import random
@@ -216,15 +217,21 @@ def expected(raw: bytes | None, max_bytes: int, schema: Draft202012Validator) ->
 
 
 def dead_letter_matches(record: dict, raw: bytes | None, topic: str, offset: int, code: str) -> bool:
-    """A dead letter carries the original value byte for byte, where it came from, and its code."""
-    value = base64.b64decode(record["value_b64"])
+    """A dead letter carries the original value byte for byte (over 64 KB: its start, size and SHA-256), where
+    it came from, and its code."""
+    value, whole = base64.b64decode(record["value_b64"]), raw or b""
+    if record.get("value_truncated"):
+        kept = value == whole[: len(value)] and record["value_bytes"] == len(whole)
+        kept = kept and record["value_sha256"] == hashlib.sha256(whole).hexdigest() and len(value) == 64 * 1024
+    else:
+        kept = value == whole
     return (
         DEAD_LETTER_SCHEMA.is_valid(record)
         and record["source_topic"] == topic
         and record["source_offset"] == offset
         and record["error_code"] == code
         and (record.get("value_is_null", False) == (raw is None))
-        and value == (raw or b"")
+        and kept
     )
 
 

@@ -131,7 +131,7 @@ class Trainer:
         learner = self.learners[key]
         x, y = record["features"], bool(record["converted"])
         counts = self.uplifts.get(uplift_key(campaign.name))
-        segment = int(record["segment"]) if counts is not None else -1  # read before learning anything
+        segment = int(record.get("segment", -1)) if counts is not None else -1  # read before learning anything
         score = PropensityScorer.from_params(learner.to_params()).predict_one(x)
         self.quality[learner.campaign].add(score, y, record["labelled_at_ms"] - record["decided_at_ms"],
                                            record["action"])  # fmt: skip
@@ -183,9 +183,10 @@ class Trainer:
 
 # -- what the trainer and the workers read: checked before use, never trusted -----------------------------------
 
-LABEL_FIELDS = {"campaign": str, "decision_id": str, "action": str, "converted": bool, "features": list,
-                "model_version": int, "action_probability": (int, float), "segment": int, "decided_at_ms": int,
+# what the trainer reads from a label (required), and what it may carry besides (type-checked when present)
+LABEL_FIELDS = {"campaign": str, "action": str, "converted": bool, "features": list, "decided_at_ms": int,
                 "labelled_at_ms": int}  # fmt: skip
+LABEL_OPTIONAL = {"decision_id": str, "model_version": int, "action_probability": (int, float), "segment": int}
 
 
 INPUT_LIMITS = EventLimits(max_bytes=256 * 1024)
@@ -220,17 +221,18 @@ def parse_model_input(raw: bytes | None, limits: EventLimits = INPUT_LIMITS) -> 
         return obj
     if kind != "label":
         raise InvalidEvent("unknown_type", "kind must be label, segment_sample or flush")
-    for name, types in LABEL_FIELDS.items():
+    for name in LABEL_FIELDS:
         if name not in obj:
             raise InvalidEvent("missing_field", f"a label needs {name}")
-        v = obj[name]
-        if not isinstance(v, types) or (isinstance(v, bool) and types is not bool):
+    for name, types in (LABEL_FIELDS | LABEL_OPTIONAL).items():
+        v = obj.get(name)
+        if name in obj and (not isinstance(v, types) or (isinstance(v, bool) and types is not bool)):
             raise InvalidEvent("wrong_type", f"label field {name} has the wrong type")
     if obj["action"] not in ("push", "holdout"):
         raise InvalidEvent("wrong_type", "label action must be push or holdout")
     if not _numbers(obj["features"], len(FEATURE_NAMES)):
         raise InvalidEvent("wrong_type", f"features must be {len(FEATURE_NAMES)} finite numbers")
-    if not -1 <= obj["segment"] <= 63:
+    if not -1 <= obj.get("segment", -1) <= 63:
         raise InvalidEvent("wrong_type", "segment must be in -1..63")
     return obj
 
