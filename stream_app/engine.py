@@ -168,8 +168,7 @@ class Work:
         return w[0] if w is not None else self.users.get(key)
 
     def put(self, key: str, value: bytes | None, partition: int) -> None:
-        self.writes.pop(key, None)  # re-inserted: the latest write of a key goes last, as its record would
-        self.writes[key] = (value, partition)
+        self.writes[key] = (value, partition)  # one record per key and record: its latest value
 
     def commit(self, batch: list[Record]) -> None:
         for key, (value, partition) in self.writes.items():
