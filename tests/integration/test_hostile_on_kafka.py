@@ -196,3 +196,38 @@ def in_skew(obj: dict, now: int, s) -> bool:
         except (ValueError, OverflowError):
             return False
     return now - s.max_past_skew_s * 1000 + 600_000 <= ts <= now + s.max_future_skew_s * 1000 - 600_000
+
+
+def test_an_erased_profile_is_compacted_away_by_the_erase_deadline(kafka_bootstrap, app_settings):
+    """The users changelog's configs, with the deadline shortened from a day to a second and a dirty ratio the
+    topic never reaches: the broker's cleaner removes the profile an erase overwrote, and on the same topic
+    without max.compaction.lag.ms nothing forces it."""
+    s = app_settings
+    configs = s.topic_layout()[s.users_changelog_topic][1]
+    assert configs["max.compaction.lag.ms"] == str(s.erase_deadline_s * 1000)
+    lazy = configs | {"segment.ms": "1000", "min.cleanable.dirty.ratio": "0.99"}
+    deadline, control = s.users_changelog_topic, f"{s.users_changelog_topic}-control"
+    without = {k: v for k, v in lazy.items() if k != "max.compaction.lag.ms"}
+    layout = {deadline: (1, lazy | {"max.compaction.lag.ms": "1000"}), control: (1, without)}
+    asyncio.run(create_topics(kafka_bootstrap, layout))
+    profile = orjson.dumps({"p": {"f": 1, "l": 1}, "o": False, "l": -1, "q": []})
+
+    def values(topic: str, key: bytes) -> list[bytes | None]:
+        return [v for k, v in asyncio.run(read_to_end(kafka_bootstrap, topic)) if k == key]
+
+    def wait(cond, what: str) -> float:
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < 60, f"{what}: not after 60 s"
+            time.sleep(2.0)  # a later record rolls the active segment (segment.ms elapsed): the cleaner may take it
+            asyncio.run(produce(kafka_bootstrap, [(t, b'"tick"', b"{}") for t in layout]))
+        return time.monotonic() - t0
+
+    # a first cleaning of both (a never-cleaned log counts as all dirty): from then on the control's dirty ratio
+    # stays far below 0.99, so only a compaction deadline can make the cleaner take a new record
+    asyncio.run(produce(kafka_bootstrap, [(t, f'"x{i % 20}"'.encode(), profile) for t in layout for i in range(40)]))
+    wait(lambda: all(len(values(t, b'"x0"')) == 1 for t in layout), "first cleaning")
+    asyncio.run(produce(kafka_bootstrap, [(t, b'"u1"', v) for t in layout for v in (profile, ERASED)]))
+    took = wait(lambda: values(deadline, b'"u1"') == [ERASED], "the erased profile compacted away")
+    assert values(control, b'"u1"') == [profile, ERASED]  # same time, no deadline: the old profile is still there
+    print(f"\nerased profile compacted away {took:.0f}s after the erase; without the deadline it stays")
