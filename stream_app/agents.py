@@ -189,9 +189,9 @@ class Worker:
                 group[3].append((tp.topic, result[1]))
                 log.warning("dead-lettered %s[%s]@%s: %s", tp.topic, tp.partition, msg.offset, result[1])
         for tp, records, handled, dead in groups.values():
-            if await self.outbox.flush(records, tp=tp, ack=handled if ack else ()):
-                for topic, code in dead:  # counted once sent; a failed batch is consumed and counted again
-                    self.engine.counted(topic, code)
+            # dead letters are counted once durable (committed, or delivered under at_least_once)
+            done = (lambda dead=dead: [self.engine.counted(t, c) for t, c in dead]) if dead else None
+            await self.outbox.flush(records, tp=tp, ack=handled if ack else (), done=done)
         if results:
             per_event = (time.perf_counter() - t0) / len(results)
             observe = self.metrics.processing_seconds.observe
@@ -246,9 +246,8 @@ class Worker:
             results.append(keys[0] if keys else None)
         for key in sorted(learned):  # after the batch's publications: the newest state of the key wins
             trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
-        if await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else ()):
-            for code in dead:
-                self.engine.counted(settings.model_inputs_topic, code)
+        done = (lambda: [self.engine.counted(settings.model_inputs_topic, c) for c in dead]) if dead else None
+        await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else (), done=done)
         return results
 
     async def nudge_trainer(self, topic: str) -> None:

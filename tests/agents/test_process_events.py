@@ -63,6 +63,10 @@ async def test_bad_input_is_dead_lettered_and_the_stream_continues(sa):
     assert record["error_code"] == "bad_utf8" and record["reason"]
     assert record["value_b64"] == "/25vdCBqc29u"
     assert sa.users["a"]["p"]["c"] == [1, 0, 0]
+    assert sa.metrics.events_rejected["bad_utf8"]._value.get() == 0  # counted once its batch is durable:
+    for call in sa.outbox.flush.await_args_list:  # what the outbox does at commit (or at delivery)
+        if (done := call.kwargs.get("done")) is not None:
+            done()
     assert sa.metrics.events_rejected["bad_utf8"]._value.get() == 1
 
 

@@ -141,6 +141,13 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
         wait_until(lambda: metric(port, "stream_app_events_consumed_total{") > before, 30, proc, log, "the last event")
         elapsed = time.monotonic() - t_start
         letters = dead()
+        # counted once their transaction committed (every commit interval): wait for the counts to settle
+        per_kind = Counter("consent" if d["source_topic"] == s.consent_topic else d["source_topic"] for d in letters)
+        n_events = sum(per_kind[t] for t in s.input_topics)
+        wait_until(lambda: metric(port, "stream_app_events_rejected_total{") >= n_events
+                   and metric(port, "stream_app_consent_rejected_total{") >= per_kind["consent"], 30, proc, log,
+                   "the rejection counts")  # fmt: skip
+        time.sleep(1.0)  # and no more than that
         rejected_events = metric(port, "stream_app_events_rejected_total{")
         rejected_consent = metric(port, "stream_app_consent_rejected_total{")
         params_rejected = metric(port, "stream_app_model_params_rejected_total{")
