@@ -41,6 +41,7 @@ from stream_app.settings import Settings
 from stream_app.wire import (
     cancellation_record,
     dead_letter,
+    dead_letter_key,
     decision_record,
     label_record,
     parse_consent,
@@ -370,8 +371,8 @@ class Engine:
     # -- pieces --------------------------------------------------------------------------------------------------------
     def reject(self, work: Work, msg: Message, bad: InvalidEvent, kind: str,
                exception: str | None = None) -> tuple[str, str]:  # fmt: skip
-        value = dead_letter(msg.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason, exception)
-        work.out.append((self.settings.dead_letter_topic, msg.key, value, None))
+        value = dead_letter(msg.value, msg.topic, msg.partition, msg.offset, bad.code, bad.reason, exception, msg.key)
+        work.out.append((self.settings.dead_letter_topic, dead_letter_key(msg.key), value, None))
         work.rejected.append((kind, bad.code))
         return ("dead_letter", bad.code)
 

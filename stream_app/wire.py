@@ -17,10 +17,21 @@ from stream_app.core.pipeline import Label
 from stream_app.core.policy import Decision
 
 DEAD_LETTER_VALUE_BYTES = 64 * 1024  # of the original value kept in a dead letter (base64: 87 KB at most)
+DEAD_LETTER_KEY_BYTES = 1024  # of the original key a dead letter is keyed by
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The key of a dead letter: the original's, cut to ``DEAD_LETTER_KEY_BYTES`` (a ~1 MB key on a rejected
+    record must not make its dead letter too large to send: that would stop the partition for ever).
+
+    >>> dead_letter_key(b"u1"), len(dead_letter_key(b"k" * 900_000))
+    (b'u1', 1024)
+    """
+    return key if key is None or len(key) <= DEAD_LETTER_KEY_BYTES else key[:DEAD_LETTER_KEY_BYTES]
 
 
 def dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, code: str, reason: str,
-                exception: str | None = None) -> bytes:  # fmt: skip
+                exception: str | None = None, key: bytes | None = None) -> bytes:  # fmt: skip
     """Serialize a dead-letter record (schemas/dead-letter.v1.json).
 
     The original value is kept whole up to ``DEAD_LETTER_VALUE_BYTES``; beyond that its first bytes, its size
@@ -51,6 +62,8 @@ def dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, code
             "value_truncated": True,
             "value_sha256": hashlib.sha256(value).hexdigest(),
         }
+    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:  # the record's key is its first bytes
+        record |= {"key_bytes": len(key), "key_sha256": hashlib.sha256(key).hexdigest()}
     if raw is None:
         record["value_is_null"] = True
     if exception is not None:

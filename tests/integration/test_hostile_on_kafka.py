@@ -116,8 +116,9 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
         assert metric(port, "stream_app_model_params_rejected_total{") >= 0
         t_start = time.monotonic()
         junk = [(s.model_inputs_topic, b"x", raw) for raw in trainer_junk]
-        asyncio.run(produce(kafka_bootstrap, [*held, *erased, *records, *junk]))
-        n_dead = sum(n for (_, verdict), n in want.items() if verdict != "valid") + len(trainer_junk)
+        huge_key = [(s.clicks_topic, b"k" * 900_000, b"{oops")]  # its dead letter must still be sendable
+        asyncio.run(produce(kafka_bootstrap, [*held, *erased, *records, *junk, *huge_key]))
+        n_dead = sum(n for (_, verdict), n in want.items() if verdict != "valid") + len(trainer_junk) + 1
 
         def dead() -> list[dict]:
             return [orjson.loads(v) for _, v in asyncio.run(read_to_end(kafka_bootstrap, s.dead_letter_topic, 30))]
@@ -162,8 +163,10 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
     assert not [d for d in letters if d["error_code"] == "internal_error"]
     per_topic = Counter(d["source_topic"] for d in letters)
     for topic in (*s.input_topics, s.consent_topic):
-        assert per_topic[topic] == sum(n for (t, v), n in want.items() if t == topic and v != "valid"), topic
+        extra = 1 if topic == s.clicks_topic else 0  # the huge-key record
+        assert per_topic[topic] == sum(n for (t, v), n in want.items() if t == topic and v != "valid") + extra, topic
     assert per_topic[s.model_inputs_topic] == len(trainer_junk)
+    assert [d["key_bytes"] for d in letters if "key_bytes" in d] == [900_000]
     for _, raw in values:  # layer-1 reasons are exact on every topic
         code = layer1(raw, s.max_event_bytes)[0]
         if code is not None:

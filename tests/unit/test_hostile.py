@@ -101,6 +101,20 @@ def test_tombstones_on_inputs_and_consent_are_dead_letters_not_crashes():
     assert count(e.metrics.events_rejected["tombstone"]) == 1 and count(e.metrics.consent_rejected["tombstone"]) == 1
 
 
+def test_a_huge_key_on_a_rejected_record_gives_a_dead_letter_that_can_be_sent():
+    from stream_app.outbox import MAX_RECORD_BYTES
+
+    e = make()
+    huge = b"k" * 950_000  # a record near Kafka's 1 MB limit, almost all key
+    for topic in (CLICKS, CONSENT):
+        (result,), batch = run(e, msg(b"{oops", topic, key=huge))
+        (record,) = [r for r in batch if r[0] == DLQ]
+        assert result == ("dead_letter", "malformed_json")
+        assert len(record[1]) == 1024 and len(record[1]) + len(record[2]) < MAX_RECORD_BYTES
+        dead = orjson.loads(record[2])
+        assert dead["key_bytes"] == len(huge) and DEAD_LETTER.is_valid(dead)
+
+
 def test_huge_amounts_never_reach_state_and_the_user_can_still_opt_out():
     e = make()
     results, _ = run(
