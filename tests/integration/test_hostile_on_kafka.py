@@ -12,6 +12,7 @@ retentions are on the topics, and a record stamped 400 days ahead is refused by 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
+from stream_app.core.timers import partition_for
 from stream_app.engine import ERASED
 from stream_app.kafka_io import create_topics, latest_by_key, produce, read_to_end
 from tests.fuzzkit import CONSENT_SCHEMA, EVENT_SCHEMA, corpus, dead_letter_matches, expected, layer1
@@ -94,6 +96,11 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
                                               "centroids": [[1.0], [2.0]], "mean": [0.0],
                                               "scale": [1.0]}))]  # fmt: skip
     asyncio.run(produce(kafka_bootstrap, [(s.model_params_topic, k, v) for k, v in bad_params]))
+    # and foreign records on the worker's own users changelog: a key that is not a JSON string, a value that is
+    # not a state (user cz)
+    home = partition_for("cz", s.topic_partitions)
+    foreign = [(s.users_changelog_topic, b"not json", b"{}", home), (s.users_changelog_topic, b'"cz"', b"\xffx", home)]
+    asyncio.run(produce(kafka_bootstrap, foreign))
 
     values = corpus(s.max_event_bytes, t0=t0)
     records, want = [], Counter()
@@ -117,8 +124,11 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
         t_start = time.monotonic()
         junk = [(s.model_inputs_topic, b"x", raw) for raw in trainer_junk]
         huge_key = [(s.clicks_topic, b"k" * 900_000, b"{oops")]  # its dead letter must still be sendable
-        asyncio.run(produce(kafka_bootstrap, [*held, *erased, *records, *junk, *huge_key]))
-        n_dead = sum(n for (_, verdict), n in want.items() if verdict != "valid") + len(trainer_junk) + 1
+        corrupt = [
+            (s.clicks_topic, b"cz", orjson.dumps({"event_id": "cz1", "type": "click", "user_id": "cz", "ts": now}))
+        ]
+        asyncio.run(produce(kafka_bootstrap, [*held, *erased, *records, *junk, *huge_key, *corrupt]))
+        n_dead = sum(n for (_, verdict), n in want.items() if verdict != "valid") + len(trainer_junk) + 2
 
         def dead() -> list[dict]:
             return [orjson.loads(v) for _, v in asyncio.run(read_to_end(kafka_bootstrap, s.dead_letter_topic, 30))]
@@ -130,10 +140,11 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
                 [
                     (s.consent_topic, b"held", b'{"user_id":"held","action":"opt_out"}'),
                     (s.consent_topic, b"gone", b'{"user_id":"gone","action":"erase"}'),
+                    (s.consent_topic, b"cz", b'{"user_id":"cz","action":"opt_out"}'),
                 ],
             )
         )
-        wait_until(lambda: metric(port, "stream_app_consent_commands_total{") >= 2 + want[(s.consent_topic, "valid")],
+        wait_until(lambda: metric(port, "stream_app_consent_commands_total{") >= 3 + want[(s.consent_topic, "valid")],
                    60, proc, log, "the consent commands")  # fmt: skip
         # the stream did not stall: a fresh event after all of it is applied
         last = orjson.dumps({"event_id": "last", "type": "click", "user_id": "last", "ts": int(time.time() * 1000)})
@@ -163,7 +174,7 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
     assert not [d for d in letters if d["error_code"] == "internal_error"]
     per_topic = Counter(d["source_topic"] for d in letters)
     for topic in (*s.input_topics, s.consent_topic):
-        extra = 1 if topic == s.clicks_topic else 0  # the huge-key record
+        extra = 2 if topic == s.clicks_topic else 0  # the huge-key record, the corrupt user's event
         assert per_topic[topic] == sum(n for (t, v), n in want.items() if t == topic and v != "valid") + extra, topic
     assert per_topic[s.model_inputs_topic] == len(trainer_junk)
     assert [d["key_bytes"] for d in letters if "key_bytes" in d] == [900_000]
@@ -179,7 +190,7 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
 
     # good records applied once: the corpus' valid events, their repeats on two more topics are duplicates
     changelog = latest_by_key(asyncio.run(read_to_end(kafka_bootstrap, s.users_changelog_topic, 30)))
-    users = {orjson.loads(k): v for k, v in changelog.items()}
+    users = {orjson.loads(k): v for k, v in changelog.items() if k != b"not json"}  # the foreign record we wrote
     valid_events = [layer1(raw, 1 << 30)[1] for _, raw in values
                     if expected(raw, s.max_event_bytes, EVENT_SCHEMA) == "valid" and in_skew(layer1(raw, 1 << 30)[1],
                                                                                              now, s)]  # fmt: skip
@@ -188,6 +199,9 @@ def test_hostile_records_on_every_topic_against_a_real_worker(kafka_bootstrap, a
             state = orjson.loads(users[ev["user_id"]])
             assert sum(state["p"]["c"]) == sum(1 for e in valid_events if e["user_id"] == ev["user_id"]), ev
     assert users["gone"] == ERASED  # the erase is the last word on the changelog (compaction removes the rest)
+    mine = [d for d in letters if d["source_topic"] == s.clicks_topic and b"cz1" in base64.b64decode(d["value_b64"])]
+    assert [d["error_code"] for d in mine] == ["corrupt_state"]
+    assert orjson.loads(users["cz"])["o"] is True  # the opt-out replaced the unreadable state
 
     # the opt-out cancelled the push held for the user's morning
     decisions = [orjson.loads(v) for _, v in asyncio.run(read_to_end(kafka_bootstrap, s.decisions_topic, 30))]

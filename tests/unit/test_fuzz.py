@@ -102,10 +102,12 @@ class Harness:
     def user(self, user_id: str) -> User:
         return self.users.setdefault(user_id, User())
 
-    def feed(self, topic: str, raw: bytes | None, partition: int, ts: int) -> tuple[str, str]:
+    def feed(
+        self, topic: str, raw: bytes | None, partition: int, ts: int, key: bytes | None = b"key"
+    ) -> tuple[str, str]:
         self.offset += 1
         CASES["records"] += 1
-        msg = Message(topic, partition, self.offset, b"key", raw, ts)
+        msg = Message(topic, partition, self.offset, key, raw, ts)
         batch: list = []
         result = self.engine.apply(batch, msg)  # never raises: an exception here fails the test
         if result[0] == "repartitioned":
@@ -133,6 +135,7 @@ class Harness:
             elif self.user(obj["user_id"]).corrupt and not self.user(obj["user_id"]).erased:
                 want = "corrupt_state"
         dead = [orjson.loads(v) for t, _, v, _ in batch if t == s.dead_letter_topic]
+        assert all(len(k or b"") <= 1024 for t, k, _, _ in batch if t == s.dead_letter_topic)  # always sendable
         assert result != ("dead_letter", "internal_error"), msg
         if want in LAYER1 or want == "corrupt_state":
             assert result == ("dead_letter", want), (msg.value[:80] if msg.value else None, want, result)
@@ -239,12 +242,15 @@ STEP = st.one_of(
 )
 
 
-@given(st.lists(st.tuples(STEP, st.integers(0, 3)), min_size=5, max_size=60))
+KEYS = st.sampled_from([b"key", b"key", None, b"", b"k" * 3000])
+
+
+@given(st.lists(st.tuples(STEP, st.integers(0, 3), KEYS), min_size=5, max_size=60))
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_hostile_streams_keep_every_invariant(steps):
     h = Harness()
     t, last, n = T0, None, 0
-    for step, partition in steps:
+    for step, partition, key in steps:
         kind = step[0]
         t += 1000
         if kind == "event":
@@ -258,13 +264,13 @@ def test_hostile_streams_keep_every_invariant(steps):
         elif kind == "consent":
             h.feed(CONSENT, orjson.dumps({"user_id": step[1], "action": step[2]}), partition, t)
         elif kind == "corpus":
-            h.feed(CONSENT if step[2] else INPUTS[1], CORPUS[step[1]][1], partition, t)
+            h.feed(CONSENT if step[2] else INPUTS[1], CORPUS[step[1]][1], partition, t, key)
         elif kind == "bytes":
-            h.feed(CONSENT if step[2] else INPUTS[2], step[1], partition, t)
+            h.feed(CONSENT if step[2] else INPUTS[2], step[1], partition, t, key)
         elif kind == "mutant":
             n += 1
             ev = {"event_id": f"m{n}", "type": "click", "user_id": step[1], "ts": t} | step[2]
-            h.feed(INPUTS[0], encode(ev), partition, t)
+            h.feed(INPUTS[0], encode(ev), partition, t, key)
     h.finish()
 
 
