@@ -30,7 +30,6 @@ from stream_app.metrics import Metrics
 from stream_app.outbox import Outbox
 from stream_app.settings import Settings
 from stream_app.store import ChangelogStore
-from stream_app.wire import dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +157,13 @@ class Worker:
 
     # -- events and consent ---------------------------------------------------------------------------
     def apply(self, records: list[Record], msg: Message) -> tuple[str, str]:
-        """One message through the engine; an unexpected error dead-letters that message (code
-        ``internal_error``, the exception's type only) and the stream goes on."""
+        """One message through the engine (which dead-letters a record whose handling raises: code
+        ``internal_error``, the exception's type only); the same here for anything raised around it."""
         try:
-            if msg.topic == self.consent_topic:
-                return self.engine.on_consent(records, msg)
-            return self.engine.on_event(records, msg)
+            return self.engine.apply(records, msg)
         except Exception as exc:
-            log.exception("internal error on %s[%s]@%s; dead-lettered", msg.topic, msg.partition, msg.offset)
-            reason = f"internal error while applying the record: {type(exc).__name__}"
-            value = dead_letter(msg.value, msg.topic, msg.partition, msg.offset, "internal_error", reason)
-            records.append((self.settings.dead_letter_topic, msg.key, value, None))
-            self.metrics.internal_errors.inc()
-            return ("dead_letter", "internal_error")
+            kind = "consent" if msg.topic == self.consent_topic else "event"
+            return self.engine.internal_error(records, msg, exc, kind)
 
     async def process_batch(self, messages: list[Any], ack: bool = True) -> list[tuple[str, str]]:
         """Events and consent commands -> user state -> decisions, labels, for a batch of input messages;
@@ -180,8 +173,8 @@ class Worker:
         await self.ensure_users()
         # records in processing order per producer: a user's state records must reach the changelog in
         # the order they were computed, and all of one user's input partitions share one producer
-        groups: dict[str | None, tuple[TP, list[Record], list[Any]]] = {}
-        group_of: dict[TP, tuple[TP, list[Record], list[Any]]] = {}
+        groups: dict[str | None, tuple[TP, list[Record], list[Any], list[tuple[str, str]]]] = {}
+        group_of: dict[TP, tuple[TP, list[Record], list[Any], list[tuple[str, str]]]] = {}
         results = []
         skip = self.lost | self.dirty
         unacked = self.app.consumer._unacked_messages if ack else None
@@ -194,15 +187,18 @@ class Worker:
             if (group := group_of.get(tp)) is None:
                 key = self.outbox.route(tp)
                 if key not in groups:
-                    groups[key] = (tp, [], [])
+                    groups[key] = (tp, [], [], [])
                 group = group_of[tp] = groups[key]
             result = self.apply(group[1], message_of(msg))
             group[2].append(msg)
             results.append(result)
             if result[0] == "dead_letter":
+                group[3].append((tp.topic, result[1]))
                 log.warning("dead-lettered %s[%s]@%s: %s", tp.topic, tp.partition, msg.offset, result[1])
-        for tp, records, handled in groups.values():
-            await self.outbox.flush(records, tp=tp, ack=handled if ack else ())
+        for tp, records, handled, dead in groups.values():
+            # dead letters are counted once durable (committed, or delivered under at_least_once)
+            done = (lambda dead=dead: [self.engine.counted(t, c) for t, c in dead]) if dead else None
+            await self.outbox.flush(records, tp=tp, ack=handled if ack else (), done=done)
         if results:
             per_event = (time.perf_counter() - t0) / len(results)
             observe = self.metrics.processing_seconds.observe
@@ -232,12 +228,14 @@ class Worker:
         # labels' learners are persisted once per batch, not per label: a batch is acked only after its
         # records are sent (under exactly_once, in one transaction), so a crash mid-batch learns it again
         learned: set[str] = set()
+        dead: list[str] = []
         for msg in messages:
-            try:
-                keys = trainer.learn(orjson.loads(msg.value))
-            except Exception as bad:  # any record of any shape: ignored with a count, never a crash
-                log.warning("model input %s@%s ignored: %s", msg.partition, msg.offset, type(bad).__name__)
+            # checked, then learned from; a record of any other shape is dead-lettered with its reason
+            keys = self.engine.on_model_input(batch, message_of(msg), trainer)
+            if keys is None:
+                log.warning("model input %s@%s dead-lettered", msg.partition, msg.offset)
                 m.model_inputs_ignored.inc()
+                dead.append(orjson.loads(batch[-1][2])["error_code"])
                 results.append(None)
                 continue
             for key in keys:
@@ -255,7 +253,8 @@ class Worker:
             results.append(keys[0] if keys else None)
         for key in sorted(learned):  # after the batch's publications: the newest state of the key wins
             trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
-        await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else ())
+        done = (lambda: [self.engine.counted(settings.model_inputs_topic, c) for c in dead]) if dead else None
+        await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else (), done=done)
         return results
 
     async def nudge_trainer(self, topic: str) -> None:
@@ -298,12 +297,14 @@ class Worker:
             await consumer.stop()
 
     def apply_model(self, msg: Any) -> bool:
+        """Install one model-params record if it is a valid, newer version; else count why not (every worker
+        reads the topic, so a bad record is counted, not dead-lettered: one dead letter per worker otherwise)."""
         before = self.models.current.segments
-        try:
-            self.models.apply(msg.key.decode(), orjson.loads(msg.value))
-        except Exception as bad:
-            log.warning("model params @%s ignored: %s", msg.offset, type(bad).__name__)
+        why = self.models.apply_record(msg.key, msg.value)  # never raises
+        if why is not None:
+            log.warning("model params @%s ignored: %s", msg.offset, why)
             self.metrics.model_params_ignored.inc()
+            self.metrics.model_params_rejected[why].inc()
             return False
         self.observe_models(before)
         return True

@@ -9,6 +9,7 @@ never sees Faust.
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +124,10 @@ def create_app(
     trainer_state = ChangelogStore(settings, settings.trainer_changelog_topic, recover)
     trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
     outbox = Outbox(app)
-    engine = Engine(settings, config, users, models, metrics)
+    # the worker's clock bounds event time and the watermark (replay passes none); dead letters are counted
+    # once the shell has sent them
+    engine = Engine(settings, config, users, models, metrics, clock=lambda: int(time.time() * 1000),
+                    count_on_write=True)  # fmt: skip
     worker = Worker(app, settings, engine, users, trainer, trainer_state, models, metrics, outbox)
     app.on_partitions_revoked.connect(worker.on_revoked)
     app.on_partitions_assigned.connect(worker.on_assigned)

@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from stream_app.core.events import EVENT_TYPES
 
 REJECT_CODES = (
-    "oversize", "malformed_json", "not_an_object", "missing_field", "wrong_type",
-    "unknown_type", "bad_timestamp", "ts_out_of_range", "bad_amount", "bad_timezone",
+    "tombstone", "empty_value", "oversize", "bad_utf8", "non_finite_number", "too_deep", "malformed_json",
+    "not_an_object", "missing_field", "wrong_type", "unknown_type", "bad_timestamp", "ts_out_of_range", "bad_amount",
+    "bad_timezone", "corrupt_state", "internal_error",
 )  # fmt: skip
 
 
@@ -25,6 +26,10 @@ class Metrics:
     registry: CollectorRegistry
     events_consumed: dict[str, Counter]
     events_rejected: dict[str, Counter]
+    consent_rejected: dict[str, Counter]
+    model_inputs_rejected: dict[str, Counter]
+    model_params_rejected: dict[str, Counter]
+    pushes_cancelled: Counter
     processing_seconds: Histogram
     batch_events: Histogram
     duplicates_dropped: Counter
@@ -66,7 +71,28 @@ class Metrics:
         )  # fmt: skip
         rejected = Counter(
             "stream_app_events_rejected_total",
-            "Input messages sent to the dead-letter topic, by reason code.", ["reason"], registry=registry,
+            "Input event messages dead-lettered (counted once the dead letter is written), by reason code.",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        consent_rejected = Counter(
+            "stream_app_consent_rejected_total",
+            "Consent commands dead-lettered (counted once the dead letter is written), by reason code.",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        inputs_rejected = Counter(
+            "stream_app_model_inputs_rejected_total",
+            "Trainer inputs dead-lettered (counted once the dead letter is written), by reason code.",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        params_rejected = Counter(
+            "stream_app_model_params_rejected_total",
+            "Model-params records a worker could not install (ignored, not dead-lettered: every worker reads them), "
+            "by reason code.", ["reason"], registry=registry,
+        )  # fmt: skip
+        cancelled = Counter(
+            "stream_app_pushes_cancelled_total",
+            "Cancellations written to push-decisions for open pushes of users who opted out or were erased.",
+            registry=registry,
         )  # fmt: skip
         seconds = Histogram(
             "stream_app_event_processing_seconds", "Time to process one input event in the agent.",
@@ -176,6 +202,10 @@ class Metrics:
             state_bytes=size,
             events_consumed={t: consumed.labels(type=t) for t in EVENT_TYPES},
             events_rejected={c: rejected.labels(reason=c) for c in REJECT_CODES},
+            consent_rejected={c: consent_rejected.labels(reason=c) for c in REJECT_CODES},
+            model_inputs_rejected={c: inputs_rejected.labels(reason=c) for c in REJECT_CODES},
+            model_params_rejected={c: params_rejected.labels(reason=c) for c in REJECT_CODES},
+            pushes_cancelled=cancelled,
             processing_seconds=seconds,
             batch_events=batch,
             duplicates_dropped=duplicates,

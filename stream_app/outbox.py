@@ -109,18 +109,24 @@ class Outbox:
     ``on_failure(tps, exc)`` is told about source partitions whose effects could not be sent: their
     messages stay unacked and their in-memory state is no longer what Kafka holds (the shell drops it and
     has the group rebalance). A worker never crashes for it.
+
+    ``flush(..., done=f)`` calls ``f`` once the records are durable: when their transaction commits
+    (exactly_once) or when they are delivered (at_least_once); never for records that were not (what is
+    counted as written, e.g. dead letters, is then what Kafka holds).
     """
 
     app: faust.App
     on_failure: Callable[[set[TP], BaseException], None] = lambda tps, exc: None
     pending: dict[str, list[asyncio.Future]] = field(default_factory=lambda: defaultdict(list))
+    done: dict[str, list[Callable[[], Any]]] = field(default_factory=lambda: defaultdict(list))  # at commit
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
     def route(self, tp: TP) -> str | None:
         """The transactional id for ``tp``'s effects (None: the plain producer)."""
         return transactional_id(self.app, tp) if self.app.in_transaction else None
 
-    async def flush(self, records: list[Record], tp: TP | None = None, ack: Iterable[Any] = ()) -> bool:
+    async def flush(self, records: list[Record], tp: TP | None = None, ack: Iterable[Any] = (),
+                    done: Callable[[], Any] | None = None) -> bool:  # fmt: skip
         """Send ``records``, the effects of messages ``ack`` of source partition ``tp`` (default: the
         current event's), and ack those messages; False (nothing acked) if they could not be sent."""
         ack = list(ack)
@@ -128,7 +134,7 @@ class Outbox:
         if tp is None and self.app.in_transaction and (event := faust.current_event()) is not None:
             tp = event.message.tp
         if tp is None or not self.app.in_transaction:
-            return await self._send_then_ack(records, ack, tp)
+            return await self._send_then_ack(records, ack, tp, done)
         tid = transactional_id(self.app, tp)
         transactional = producer._transaction_producers.get(tid)  # Faust's per-partition producer
         lock = producer._trn_locks.get(tid)
@@ -148,28 +154,34 @@ class Outbox:
                 return False
             for message in ack:  # under the lock: the next commit takes these offsets with these records
                 self.app.consumer.ack(message)
+            if done is not None:
+                self.done[tid].append(done)
         return True
 
-    async def _send_then_ack(self, records: list[Record], ack: list[Any], tp: TP | None) -> bool:
+    async def _send_then_ack(self, records: list[Record], ack: list[Any], tp: TP | None,
+                             done: Callable[[], Any] | None = None) -> bool:  # fmt: skip
         try:
             futures = await send_records(self.app.producer._ensure_producer(), records) if records else []
         except Exception as exc:
             log.warning("sending %d records for %s failed: %r", len(records), tp, exc)
             self.on_failure({tp} if tp is not None else set(), exc)
             return False
-        if not ack:
+        if not ack and done is None:
             return True
         if not futures:
             for message in ack:
                 self.app.consumer.ack(message)
+            if done is not None:
+                done()
             return True
         # ack once delivered, without holding up the next batch (Faust commits only acked offsets, in order)
-        task = asyncio.ensure_future(self._ack_when_delivered(futures, ack, tp))
+        task = asyncio.ensure_future(self._ack_when_delivered(futures, ack, tp, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _ack_when_delivered(self, futures: list[asyncio.Future], ack: list[Any], tp: TP | None) -> None:
+    async def _ack_when_delivered(self, futures: list[asyncio.Future], ack: list[Any], tp: TP | None,
+                                  done: Callable[[], Any] | None = None) -> None:  # fmt: skip
         try:
             await asyncio.gather(*futures)
         except Exception as exc:
@@ -180,6 +192,8 @@ class Outbox:
             return
         for message in ack:
             self.app.consumer.ack(message)
+        if done is not None:
+            done()
 
 
 class Transactions(TransactionManager):
@@ -196,7 +210,15 @@ class Transactions(TransactionManager):
         self.failed: set[TP] = set()
 
     def _pending(self, tid: str) -> list[asyncio.Future]:
-        return self.outbox.pending.pop(tid, []) if self.outbox is not None else []
+        """Take ``tid``'s undelivered futures; its ``done`` callbacks are dropped (the caller commits and runs
+        what it took with ``_done`` first, or aborts)."""
+        if self.outbox is None:
+            return []
+        self.outbox.done.pop(tid, None)
+        return self.outbox.pending.pop(tid, [])
+
+    def _done(self, tid: str) -> list[Callable[[], Any]]:
+        return self.outbox.done.pop(tid, []) if self.outbox is not None else []
 
     async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
         """Commit each partition group's transaction with its offsets; a group whose records were not all
@@ -215,17 +237,22 @@ class Transactions(TransactionManager):
                 ok = False
                 continue
             async with lock:
+                done, committed = self._done(tid), False  # run once committed; dropped if it is aborted
                 try:
                     if pending := self._pending(tid):
                         await asyncio.gather(*pending)  # a record that was not delivered fails the commit
                     await transactional.send_offsets_to_transaction(tid_offsets, group_id)
                     await transactional.commit_transaction()
+                    committed = True
                     if start_new_transaction:
                         await transactional.begin_transaction()
                 except Exception as exc:
                     await self._abandon(tid, transactional)
                     self._fail(tid_offsets, exc)
                     ok = False
+                if committed:
+                    for callback in done:
+                        callback()
         return ok
 
     def _fail(self, tps: Iterable[TP], exc: BaseException) -> None:

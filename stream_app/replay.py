@@ -147,8 +147,7 @@ class Replayer:
         msg = item if isinstance(item, Message) else to_message(item, self.offset, self.settings)
         self.offset += 1
         batch: list[Record] = []
-        handle = self.engine.on_consent if msg.topic == self.settings.consent_topic else self.engine.on_event
-        outcome, _ = handle(batch, msg)
+        outcome, _ = self.engine.apply(batch, msg)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         out: list[tuple[str, bytes]] = []
         for topic, _key, value, _partition in batch:

@@ -102,6 +102,36 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger payloads are dead-lettered")
     max_future_skew_s: int = Field(86_400, ge=0, description="event ts may lead the Kafka record time by this")
     max_past_skew_s: int = Field(365 * 86_400, ge=0, description="event ts may trail the Kafka record time by this")
+    watermark_max_lead_s: int = Field(
+        300,
+        ge=0,
+        description="a partition's event-time watermark (what fires label expiry, win-back and profile TTL) never "
+        "runs ahead of the newest Kafka record timestamp, nor of the worker's clock, by more than this: one event "
+        "stamped in the future moves its own user's profile, not everyone's timers (docs/privacy.md)",
+    )
+    record_max_lead_s: int = Field(
+        3600,
+        ge=0,
+        description="input and consent topics the app creates refuse records stamped more than this ahead of the "
+        "broker's clock (message.timestamp.after.max.ms): the record time the watermark follows cannot be forged "
+        "forward, while replays of history (old CreateTime stamps) still work",
+    )
+    consent_retention_s: int = Field(
+        0,
+        ge=0,
+        description="how long an opt-out is kept after the user's last event or consent command; 0 = for ever "
+        "(the default). The profile itself expires after 90 days of inactivity; the opt-out outlives it",
+    )
+    erase_deadline_s: int = Field(
+        86_400,
+        ge=3600,
+        description="max.compaction.lag.ms of the users changelog: an overwritten (erased, expired) state record "
+        "is compacted away within this plus one segment roll (1 h)",
+    )
+    input_retention_s: int = Field(7 * 86_400, ge=3600, description="retention of the input topics the app creates")
+    decisions_retention_s: int = Field(7 * 86_400, ge=3600, description="retention of push-decisions")
+    audit_retention_s: int = Field(30 * 86_400, ge=3600, description="retention of decision-audit (holds user ids)")
+    dead_letter_retention_s: int = Field(14 * 86_400, ge=3600, description="retention of dead letters (hold values)")
 
     web_bind: str = Field("127.0.0.1", description="metrics web server address; 0.0.0.0 exposes it")
     web_port: int = Field(6066, ge=1, le=65535)
@@ -141,15 +171,26 @@ class Settings(BaseSettings):
 
         User-keyed topics share one partition count (co-partitioning, so a user's events, consent,
         state and decisions live on one partition); the trainer's input has one partition (one owner);
-        model parameters are compacted (the latest version per model is what matters)."""
-        user_keyed = (*self.input_topics, self.consent_topic, self.dead_letter_topic, self.decisions_topic,
-                      self.audit_topic)  # fmt: skip
-        layout: dict[str, tuple[int, dict[str, str]]] = {t: (self.topic_partitions, {}) for t in user_keyed}
+        model parameters are compacted (the latest version per model is what matters). Retention and
+        compaction deadlines bound how long personal data stays (docs/privacy.md)."""
+        ms = lambda seconds: str(seconds * 1000)  # noqa: E731
+        inputs = {"retention.ms": ms(self.input_retention_s), "message.timestamp.type": "CreateTime",
+                  "message.timestamp.after.max.ms": ms(self.record_max_lead_s)}  # fmt: skip
+        layout: dict[str, tuple[int, dict[str, str]]] = {t: (self.topic_partitions, dict(inputs))
+                                                         for t in self.input_topics}  # fmt: skip
+        # consent: compacted (the latest command per user is the user's consent, kept as long as the topic)
+        layout[self.consent_topic] = (self.topic_partitions, {"cleanup.policy": "compact",
+                                      "message.timestamp.after.max.ms": ms(self.record_max_lead_s)})  # fmt: skip
+        layout[self.dead_letter_topic] = (self.topic_partitions, {"retention.ms": ms(self.dead_letter_retention_s)})
+        layout[self.decisions_topic] = (self.topic_partitions, {"retention.ms": ms(self.decisions_retention_s)})
+        layout[self.audit_topic] = (self.topic_partitions, {"retention.ms": ms(self.audit_retention_s)})
         layout[self.model_inputs_topic] = (1, {})
         layout[self.model_params_topic] = (1, {"cleanup.policy": "compact"})
-        # recovery reads the changelog: roll segments early so the cleaner keeps it near one record per user
+        # recovery reads the changelog: roll segments early so the cleaner keeps it near one record per user;
+        # max.compaction.lag.ms is the erase deadline: an overwritten state is compacted away within it
         changelog = {"cleanup.policy": "compact", "segment.bytes": str(64 << 20), "segment.ms": "3600000",
-                     "min.cleanable.dirty.ratio": "0.3"}  # fmt: skip
+                     "min.cleanable.dirty.ratio": "0.3",
+                     "max.compaction.lag.ms": ms(self.erase_deadline_s)}  # fmt: skip
         layout[self.users_changelog_topic] = (self.topic_partitions, changelog)
         layout[self.trainer_changelog_topic] = (1, {"cleanup.policy": "compact"})
         return layout

@@ -45,6 +45,7 @@ class Config:
     guardrails: Guardrails = field(default_factory=Guardrails)
     profile: ProfileParams = field(default_factory=ProfileParams)
     profile_ttl_ms: int = 90 * DAY_MS
+    consent_retention_ms: int | None = None  # an opt-out outlives the profile: for ever (None) or this long
     max_pending: int = 8  # open label windows kept per user; the oldest is closed early if exceeded
     segment_sample_rate: float = 0.25  # share of users' active days whose traits train the segments
 
@@ -125,18 +126,22 @@ class UserState:
     opted_out: bool = False
     pending: list[Pending] = field(default_factory=list)
     lapse_done_ms: int = -1  # last_ms of the quiet period that already got its win-back decision
+    consent_ms: int = -1  # time of the last consent command, or of the last event when the profile expired
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "p": self.profile.to_dict() if self.profile else None, "o": self.opted_out, "l": self.lapse_done_ms,
             "q": [[x.decision_id, x.campaign, x.action, x.decided_at_ms, x.closes_at_ms, list(x.features),
                    x.model_version, x.probability, x.segment] for x in self.pending],
         }  # fmt: skip
+        if self.consent_ms != -1:
+            d["c"] = self.consent_ms
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UserState:
         pending = [Pending(q[0], q[1], q[2], q[3], q[4], tuple(q[5]), q[6], q[7], q[8]) for q in d["q"]]
-        return cls(Profile.from_dict(d["p"]) if d["p"] else None, d["o"], pending, d["l"])
+        return cls(Profile.from_dict(d["p"]) if d["p"] else None, d["o"], pending, d["l"], d.get("c", -1))
 
 
 @dataclass
@@ -157,7 +162,7 @@ def process(state: UserState | None, event: Event, models: Models, config: Confi
         out.duplicate = True
         return state, out
     new = UserState(profile, state.opted_out if state else False, list(state.pending) if state else [],
-                    state.lapse_done_ms if state else -1)  # fmt: skip
+                    state.lapse_done_ms if state else -1, state.consent_ms if state else -1)  # fmt: skip
     now = event.ts_ms
     _close_windows(new, now, out, event)
     traits = None
@@ -183,16 +188,28 @@ def _samples_day(state: UserState | None, event: Event, rate: float) -> bool:
 def tick(
     state: UserState, user_id: str, now_ms: int, models: Models, config: Config
 ) -> tuple[UserState | None, Outputs]:
-    """Advance event time to ``now_ms`` for a user who may have sent nothing."""
+    """Advance event time to ``now_ms`` for a user who may have sent nothing.
+
+    At the profile's TTL the profile goes (and with it every trace of what the user did), but an opt-out
+    stays: the user's next event, 90 days or years later, must still get no push. It is kept for ever, or
+    ``config.consent_retention_ms`` after the later of the user's last event and last consent command.
+    """
     out = Outputs()
     if state.profile is None:
+        retention = config.consent_retention_ms
+        if state.opted_out and retention is not None and now_ms > state.consent_ms + retention:
+            out.expired = True
+            return None, out
         return state, out
     if is_expired(state.profile, now_ms, config.profile_ttl_ms):
         out.expired = True
         for p in state.pending:
             out.labels.append(_label(p, False, p.closes_at_ms))
+        if state.opted_out:
+            return tick(UserState(None, True, [], -1, max(state.consent_ms, state.profile.last_ms)), user_id,
+                        now_ms, models, config)  # fmt: skip
         return None, out
-    new = UserState(state.profile, state.opted_out, list(state.pending), state.lapse_done_ms)
+    new = UserState(state.profile, state.opted_out, list(state.pending), state.lapse_done_ms, state.consent_ms)
     _close_windows(new, now_ms, out, None)
     quiet_since = new.profile.last_ms
     lapsed = [c for c in config.campaigns if LAPSE in c.triggers and now_ms - quiet_since >= c.lapse_after_ms]
@@ -210,8 +227,15 @@ def next_due_ms(state: UserState, config: Config) -> int | None:
     A label window closing, the quiet period reaching a win-back campaign's lapse, or the profile's TTL.
     """
     if state.profile is None:
-        return None
+        return _consent_due(state.opted_out, state.consent_ms, config)
     return _due(state.profile.last_ms, state.lapse_done_ms, [p.closes_at_ms for p in state.pending], config)
+
+
+def _consent_due(opted_out: bool, consent_ms: int, config: Config) -> int | None:
+    """When a profile-less opt-out record expires (None: it is kept for ever)."""
+    if not opted_out or config.consent_retention_ms is None:
+        return None
+    return consent_ms + config.consent_retention_ms + 1
 
 
 def stored_due_ms(d: dict[str, Any], config: Config) -> int | None:
@@ -219,7 +243,7 @@ def stored_due_ms(d: dict[str, Any], config: Config) -> int | None:
     index after a rebalance reads every user this worker holds."""
     p = d.get("p")
     if not p:
-        return None
+        return _consent_due(d.get("o", False), d.get("c", -1), config)
     return _due(p["l"], d["l"], [q[4] for q in d["q"]], config)
 
 
@@ -251,15 +275,20 @@ def advance(
     return current, total
 
 
-def set_consent(state: UserState | None, opted_out: bool) -> UserState | None:
+def set_consent(state: UserState | None, opted_out: bool, at_ms: int = -1) -> UserState | None:
     """Opt-out takes effect at once, also for a user not seen yet; an opt-in re-enables pushes.
+
+    ``at_ms``: when the command was given (its record time), from which a finite consent retention counts.
+    An opt-in of a user with no profile leaves nothing to keep (None: delete).
 
     >>> set_consent(None, opted_out=True).opted_out, set_consent(None, opted_out=False)
     (True, None)
+    >>> set_consent(UserState(None, True), opted_out=False) is None
+    True
     """
-    if state is None:
-        return UserState(None, True) if opted_out else None
-    return UserState(state.profile, opted_out, list(state.pending), state.lapse_done_ms)
+    if state is None or state.profile is None:
+        return UserState(None, True, [], -1, at_ms) if opted_out else None
+    return UserState(state.profile, opted_out, list(state.pending), state.lapse_done_ms, at_ms)
 
 
 def _decide(state: UserState, campaigns: Sequence[Campaign], features: list[float], now: int, trigger: str,

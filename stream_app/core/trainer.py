@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream_app.core.events import EventLimits, InvalidEvent, decode_object
+from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES, TRAITS_SCHEMA
 from stream_app.core.pipeline import Campaign
 from stream_app.core.propensity import PropensityLearner, PropensityScorer
 from stream_app.core.segments import SegmentModel
@@ -129,7 +131,7 @@ class Trainer:
         learner = self.learners[key]
         x, y = record["features"], bool(record["converted"])
         counts = self.uplifts.get(uplift_key(campaign.name))
-        segment = int(record["segment"]) if counts is not None else -1  # read before learning anything
+        segment = int(record.get("segment", -1)) if counts is not None else -1  # read before learning anything
         score = PropensityScorer.from_params(learner.to_params()).predict_one(x)
         self.quality[learner.campaign].add(score, y, record["labelled_at_ms"] - record["decided_at_ms"],
                                            record["action"])  # fmt: skip
@@ -177,3 +179,134 @@ class Trainer:
             self.uplifts[key] = SegmentUplift.from_params(params)
         elif key in self.learners:
             self.learners[key] = PropensityLearner.from_params(params)
+
+
+# -- what the trainer and the workers read: checked before use, never trusted -----------------------------------
+
+# what the trainer reads from a label (required), and what it may carry besides (type-checked when present)
+LABEL_FIELDS = {"campaign": str, "action": str, "converted": bool, "features": list, "decided_at_ms": int,
+                "labelled_at_ms": int}  # fmt: skip
+LABEL_OPTIONAL = {"decision_id": str, "model_version": int, "action_probability": (int, float), "segment": int}
+
+
+INPUT_LIMITS = EventLimits(max_bytes=256 * 1024)
+
+
+def parse_model_input(raw: bytes | None, limits: EventLimits = INPUT_LIMITS) -> dict[str, Any]:
+    """A model-inputs record the trainer can learn from, or ``InvalidEvent`` with the reason it cannot.
+
+    Workers write these records, but anything can write to a topic: a record that is not a JSON object, or a
+    label whose fields have the wrong types, must be rejected here rather than fail inside the learner.
+
+    >>> parse_model_input(b'{"kind": "flush"}')
+    {'kind': 'flush'}
+    >>> parse_model_input(b'[1, 2]')
+    Traceback (most recent call last):
+    ...
+    stream_app.core.events.InvalidEvent: not_an_object: expected a JSON object, got an array
+    >>> parse_model_input(b'{"kind": "segment_sample", "schema": "traits-v1", "traits": [1]}')
+    Traceback (most recent call last):
+    ...
+    stream_app.core.events.InvalidEvent: wrong_type: traits must be 41 finite numbers
+    """
+    obj = decode_object(raw, limits)
+    kind = obj.get("kind")
+    if kind == "flush":
+        return obj
+    if kind == "segment_sample":
+        if not isinstance(obj.get("schema"), str) or "traits" not in obj:
+            raise InvalidEvent("missing_field", "a segment sample needs schema and traits")
+        if obj["schema"] == TRAITS_SCHEMA and not _numbers(obj["traits"], len(TRAIT_NAMES)):
+            raise InvalidEvent("wrong_type", f"traits must be {len(TRAIT_NAMES)} finite numbers")
+        return obj
+    if kind != "label":
+        raise InvalidEvent("unknown_type", "kind must be label, segment_sample or flush")
+    for name in LABEL_FIELDS:
+        if name not in obj:
+            raise InvalidEvent("missing_field", f"a label needs {name}")
+    for name, types in (LABEL_FIELDS | LABEL_OPTIONAL).items():
+        v = obj.get(name)
+        if name in obj and (not isinstance(v, types) or (isinstance(v, bool) and types is not bool)):
+            raise InvalidEvent("wrong_type", f"label field {name} has the wrong type")
+    if obj["action"] not in ("push", "holdout"):
+        raise InvalidEvent("wrong_type", "label action must be push or holdout")
+    if not _numbers(obj["features"], len(FEATURE_NAMES)):
+        raise InvalidEvent("wrong_type", f"features must be {len(FEATURE_NAMES)} finite numbers")
+    if not -1 <= obj.get("segment", -1) <= 63:
+        raise InvalidEvent("wrong_type", "segment must be in -1..63")
+    return obj
+
+
+def _numbers(v: object, n: int | None = None) -> bool:
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        return False
+    return all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+
+def _int(v: object, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_params(key: object, params: object) -> str | None:
+    """Why a model-params record cannot be installed (a bounded code), or None if it can.
+
+    The topic is compacted and every worker reads it from the start at every start: one badly typed record
+    there, if it raised, would stop every worker for ever. A candidate is checked field by field and then
+    tried once (a score of a zero vector), so a version that installs is one that scores.
+
+    >>> check_params("segments", {"version": "2"}), check_params("propensity:x", [])
+    ('wrong_type', 'not_an_object')
+    """
+    if not isinstance(params, dict):
+        return "not_an_object"
+    if not isinstance(key, str) or not _int(params.get("version"), 1):
+        return "wrong_type"
+    try:
+        if key == SEGMENTS_KEY:
+            if not isinstance(params.get("schema"), str) or not _int(params.get("k"), 2):
+                return "wrong_type"
+            if params["schema"] != TRAITS_SCHEMA:
+                return None  # another trait vector: ModelStore ignores it, as it always did
+            dims = params.get("dims")
+            if not isinstance(dims, list) or not all(_int(d) and d < len(TRAIT_NAMES) for d in dims):
+                return "wrong_type"
+            width = len(dims) or len(TRAIT_NAMES)
+            cents = params.get("centroids")
+            if not isinstance(cents, list) or not all(_numbers(c, width) for c in cents):
+                return "wrong_type"
+            if cents and not (_numbers(params.get("mean"), width) and _numbers(params.get("scale"), width)
+                              and all(s > 0 for s in params["scale"])):  # fmt: skip
+                return "wrong_type"
+            SegmentModel.from_params(params).predict_one([0.0] * len(TRAIT_NAMES))
+        elif key.startswith("uplift:"):
+            arms = params.get("arms")
+            if (
+                params.get("campaign") != key.removeprefix("uplift:")
+                or not _numbers([params.get("strength")])
+                or not isinstance(arms, dict)
+                or not all(isinstance(a, list) and len(a) == 4 and all(_int(n) for n in a) for a in arms.values())
+            ):
+                return "wrong_type"  # fmt: skip
+            SegmentUplift.from_params(params).predict_one(0)
+        elif key.startswith(("propensity:", "control:")):
+            n = len(FEATURE_NAMES)
+            if (
+                params.get("campaign") != key.split(":", 1)[1]
+                or params.get("features") != list(FEATURE_NAMES)
+                or not all(_numbers(params.get(f), n) for f in ("weights", "mean", "scales"))
+                or not all(s > 0 for s in params["scales"])
+                or not _numbers([params.get("intercept")])
+                or not _numbers([params.get("prior")])
+                or not 0 < params["prior"] < 1
+                or not _int(params.get("n_labels"))
+                or not _int(params.get("min_labels"))
+            ):
+                return "wrong_type"  # fmt: skip
+            score = PropensityScorer.from_params(params).predict_one([0.0] * n)
+            if not math.isfinite(score):
+                return "wrong_type"
+        else:
+            return "unknown_type"
+    except (ArithmeticError, LookupError, TypeError, ValueError):
+        return "wrong_type"
+    return None

@@ -58,12 +58,16 @@ async def test_profiles_count_per_user_and_type_once_per_event_id(sa):
 async def test_bad_input_is_dead_lettered_and_the_stream_continues(sa):
     async with sa.process_events.test_context() as agent:
         await put_all(agent, b"\xffnot json", ev(1, "a"))
-        assert list(agent.results.values()) == [("dead_letter", "malformed_json"), ("applied", "click")]
+        assert list(agent.results.values()) == [("dead_letter", "bad_utf8"), ("applied", "click")]
     (record,) = sent(sa, "dead_letters")
-    assert record["error_code"] == "malformed_json" and record["reason"]
+    assert record["error_code"] == "bad_utf8" and record["reason"]
     assert record["value_b64"] == "/25vdCBqc29u"
     assert sa.users["a"]["p"]["c"] == [1, 0, 0]
-    assert sa.metrics.events_rejected["malformed_json"]._value.get() == 1
+    assert sa.metrics.events_rejected["bad_utf8"]._value.get() == 0  # counted once its batch is durable:
+    for call in sa.outbox.flush.await_args_list:  # what the outbox does at commit (or at delivery)
+        if (done := call.kwargs.get("done")) is not None:
+            done()
+    assert sa.metrics.events_rejected["bad_utf8"]._value.get() == 1
 
 
 async def test_triggers_produce_audited_decisions_and_pushes_only_for_push_services(sa):

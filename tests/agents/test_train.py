@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from stream_app.app import ModelStore, create_app
-from stream_app.core.features import FEATURE_NAMES
+from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES
 from stream_app.core.pipeline import Models
 from stream_app.core.segments import SegmentModel
 from stream_app.settings import Settings
@@ -65,12 +65,12 @@ def test_the_model_store_installs_only_newer_versions():
     store.apply("propensity:c", params | {"version": 2, "intercept": -5.0})
     assert store.current.scorers["c"].intercept == 1.0
     seg = SegmentModel(k=2, warmup=2)
-    for x in ([0.0], [5.0]):
+    for x in ([0.0] * len(TRAIT_NAMES), [5.0] * len(TRAIT_NAMES)):  # a model must score the real trait vector
         seg.learn_one(x)
     seg.version = 1
-    store.apply("segments", seg.to_params())
+    assert store.apply("segments", seg.to_params()) is None
     assert store.current.segments.version == 1 and store.current.scorers["c"].version == 3
     # a segment model learned on another vector (the propensity features, before traits) is not installed
     stale = seg.to_params() | {"version": 2, "schema": "", "centroids": [[0.0] * len(FEATURE_NAMES)] * 2}
     store.apply("segments", stale)
-    assert store.current.segments.version == 1 and store.current.segments.predict_one([5.0]) >= 0
+    assert store.current.segments.version == 1 and store.current.segments.predict_one([5.0] * len(TRAIT_NAMES)) >= 0
