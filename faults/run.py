@@ -119,7 +119,8 @@ class Run:
 
     def __init__(self, cfg: RunConfig, name: str, envelopes: list[dict], feed: str) -> None:
         self.cfg, self.name, self.envelopes, self.feed = cfg, name, envelopes, feed
-        tag = uuid.uuid4().hex[:8]
+        tag = self.tag = uuid.uuid4().hex[:8]
+        self.broker_restart_s: float | None = None
         app_id = f"faults-{name.replace('_', '-')}-{tag}"
         s = Settings(
             app_id=app_id,
@@ -268,8 +269,12 @@ class Run:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.cfg.bootstrap, enable_auto_commit=False, request_timeout_ms=4000
         )
-        await asyncio.wait_for(admin.start(), 5)
-        await asyncio.wait_for(consumer.start(), 5)
+        try:
+            await asyncio.wait_for(admin.start(), 5)
+            await asyncio.wait_for(consumer.start(), 5)
+        except BaseException:
+            await self._close_clients((admin, consumer))
+            raise
         return admin, consumer
 
     @staticmethod
@@ -402,8 +407,30 @@ class Run:
             time.sleep(0.1)
 
     def broker_up(self) -> float:
+        """Start the killed broker again; returns the seconds it took to answer (its own restart: log and
+        metadata recovery grow with the partitions it holds, which is why each run deletes its topics)."""
         assert self.cfg.broker is not None
-        return self.cfg.broker.up()
+        took = self.cfg.broker.up(timeout=180)
+        self.broker_restart_s = round(took, 1)
+        say(f"  broker answering again after {took:.1f}s of restart")
+        return took
+
+    def delete_topics(self) -> None:
+        """Every topic of this run (its suffix, and the app's internal ones), so a later broker restart does not
+        recover them all."""
+
+        async def go() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.cfg.bootstrap)
+            await admin.start()
+            try:
+                mine = [t for t in await admin.list_topics() if self.tag in t]
+                if mine:
+                    await admin.delete_topics(mine)
+            finally:
+                await admin.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run(go())
 
     # -- end ---------------------------------------------------------------------------------------------
     def wait_done(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ class Scenario:
     script: Callable[[Run], None]
     about: str
     oversize: bool = False  # adds near-limit inputs whose dead letters exceed the producer's request size
+    fast: bool = True  # in the --fast subset (exactly_once)
 
 
 def no_fault(run: Run) -> None:
@@ -117,10 +118,14 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("no_fault", "backlog", no_fault, "one worker, input preloaded (a backlog), no fault"),
-        Scenario("no_fault_paced", "paced", no_fault, "one worker, input paced, no fault"),
-        Scenario("kill_20", "backlog", kill_at(0.2), "backlog; SIGKILL the worker at 20% processed, restart"),
+        Scenario("no_fault_paced", "paced", no_fault, "one worker, input paced, no fault", fast=False),
+        Scenario(
+            "kill_20", "backlog", kill_at(0.2), "backlog; SIGKILL the worker at 20% processed, restart", fast=False
+        ),
         Scenario("kill_50", "paced", kill_at(0.5), "paced; SIGKILL the worker at 50% processed, restart"),
-        Scenario("kill_80", "backlog", kill_at(0.8), "backlog; SIGKILL the worker at 80% processed, restart"),
+        Scenario(
+            "kill_80", "backlog", kill_at(0.8), "backlog; SIGKILL the worker at 80% processed, restart", fast=False
+        ),
         Scenario("clean_restart", "paced", clean_restart, "paced; SIGTERM at 50%, then a new worker"),
         Scenario("join_second", "paced", joins, "paced; a second worker joins at 30%, no fault"),
         Scenario("join_second_third", "paced", joins_two, "paced; 2nd worker joins at 25%, 3rd at 50%"),
