@@ -38,9 +38,6 @@ from stream_app.settings import Settings
 from stream_app.sim.simulator import SimConfig, Simulator
 
 DAY_MS = 86_400_000
-# a paced feed lasts this long: longer than a worker takes to start on a busy 2-core machine (10-18 s seen),
-# so workers that join or restart mid-stream still find a stream flowing
-PACED_S = 40.0
 OVERSIZE_MAX_EVENT_BYTES = 1_000_000  # a valid setting; dead letters (base64 of the input) then exceed 1 MB
 
 
@@ -75,7 +72,7 @@ def head_commit() -> str:
 
 def one_run(cfg: RunConfig, sc: Scenario, envelopes: list[dict], ref: verify.Reference, run_no: int) -> dict:
     t0 = time.monotonic()
-    run = Run(cfg, sc.name, envelopes, sc.feed)
+    run = Run(cfg, sc.name, envelopes, sc.feed, sc.paced_s)
     res: dict[str, Any] = {
         "scenario": sc.name,
         "guarantee": cfg.guarantee,
@@ -187,12 +184,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--days", type=int, default=None, help="simulated days (default 5; --fast 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--paced-rate",
-        type=float,
-        default=None,
-        help=f"messages/s of paced feeds (default: the input over {PACED_S:.0f} s, at most 2,000/s)",
-    )
-    p.add_argument(
         "--session-timeout",
         type=float,
         default=None,
@@ -237,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     envelopes, counts = simulated(users, days, a.seed)
-    paced_rate = a.paced_rate or min(2000.0, max(50.0, len(envelopes) / PACED_S))
     todo = plan(a)
     res: dict[str, Any] = {
         "command": "python -m faults " + shlex.join(argv if argv is not None else sys.argv[1:]),
@@ -246,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         "input": {"users": users, "days": days, "seed": a.seed, "messages": len(envelopes), "counts": counts},
         "settings": {
             "session_timeout_s": session_timeout,
-            "paced_rate": round(paced_rate),
+            "paced_feed": "the input over each scenario's paced_s (40-90 s), at most 2,000 messages/s",
             "runs": runs,
             "oversize_max_event_bytes": OVERSIZE_MAX_EVENT_BYTES,
         },
-        "scenarios": {sc.name: {"feed": sc.feed, "about": sc.about} for sc, _ in todo},
+        "scenarios": {sc.name: {"feed": sc.feed, "about": sc.about, "paced_s": sc.paced_s} for sc, _ in todo},
         "runs": [],
     }
     workdir = Path(tempfile.mkdtemp(prefix="faults-"))
@@ -301,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
                     guarantee=guarantee,
                     session_timeout_s=session_timeout,
                     workdir=workdir,
-                    paced_rate=paced_rate,
                     settings_overrides=overrides,
                 )
                 say(f"{sc.name} {guarantee} run {i + 1}/{runs} ({sc.feed}, {len(envs)} messages)")

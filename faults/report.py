@@ -36,7 +36,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Started {res['started']}; wall time {res.get('wall_s', '?')} s; main at `{res.get('commit', '?')}`  ",
         f"Input: {res['input']['users']} users x {res['input']['days']} days, seed {res['input']['seed']}: "
         f"{res['input']['messages']} messages; session timeout {res['settings']['session_timeout_s']} s; "
-        f"paced feed {res['settings']['paced_rate']}/s  ",
+        f"paced feed: {res['settings']['paced_feed']}  ",
         "Verifier: a plain aiokafka read_committed consumer over push-decisions, decision-audit, dead letters, "
         "model-inputs and the users changelog, against `stream_app.replay` of the same input. `(dup)`: a duplicate "
         "under at_least_once, counted, not a failure.",
@@ -74,6 +74,43 @@ def markdown(res: dict[str, Any]) -> str:
             f" | {num['decision_differences']} ({d['missing']}/{d['extra']}/{d['action_differs']}/"
             f"{d['segment_differs']}) | {rec} | {r['wall_s']} |"
         )
+    lines += ["", "## Evidence of failing runs", ""]
+    for r in res["runs"]:
+        if r.get("passed") or "invariants" not in r:
+            continue
+        ev, num = r["evidence"], r["numbers"]
+        lines.append(f"- **{r['scenario']} {r['guarantee']} run {r['run']}** (app id `{r['app_id']}`):")
+        for k in ("dup_pushes", "dup_audit", "dup_dead_letters", "dup_labels"):
+            if ev.get(k):
+                ex = "; ".join(
+                    f"`{e['id'][:24]}` at (partition, offset, ts) {e['copies']}"
+                    f"{'' if e['identical_bytes'] else ' NOT byte-identical'}"
+                    for e in ev[k][:2]
+                )
+                lines.append(f"  - {k} {num[k]}: {ex}")
+        if ev.get("state"):
+            lines.append(
+                f"  - state differs for {num['users_state_differs']} users, fields "
+                f"{num['state_field_differences']}; e.g. {json.dumps(ev['state'][0])[:300]}"
+            )
+        if ev.get("dead_letters_missing"):
+            lines.append(f"  - dead letters missing: {json.dumps(ev['dead_letters_missing'])[:300]}")
+        d = num["decisions"]
+        if num["decision_differences"]:
+            lines.append(
+                f"  - decisions vs replay: missing {d['missing']} {d['missing_by_campaign_action']}, extra "
+                f"{d['extra']}, action {d['action_changes']}, segment {d['segment_differs']}"
+            )
+        if not r["invariants"].get("reported_lag_zero", True) or not r["invariants"].get("lag_zero", True):
+            lines.append(f"  - lag at the end: {json.dumps(r['done'].get('partitions'))[:300]}")
+        for w in r.get("workers", []):
+            if w["crashed"] or w["traceback"] or w["log_hits"]:
+                lines.append(
+                    f"  - worker {w['worker']} ({w['how_ended']}): {w['log_hits']}"
+                    + (f"; `{w['log_lines'][0][:200]}`" if w["log_lines"] else "")
+                )
+    lines += ["", "## Scenarios", "", "| scenario | feed | what |", "|---|---|---|"]
+    lines += [f"| {n} | {v['feed']} | {v['about']} |" for n, v in res.get("scenarios", {}).items()]
     lines += ["", "## Reference (replay)", "", "```", json.dumps(res.get("reference", {}), indent=1), "```", ""]
     return "\n".join(lines)
 

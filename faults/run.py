@@ -109,7 +109,6 @@ class RunConfig:
     guarantee: str
     session_timeout_s: float
     workdir: Path
-    paced_rate: float  # messages per second of a paced feed
     done_timeout_s: float = 240.0
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -117,8 +116,8 @@ class RunConfig:
 class Run:
     """The context a scenario script drives: start/kill/stop workers, wait for progress, record faults."""
 
-    def __init__(self, cfg: RunConfig, name: str, envelopes: list[dict], feed: str) -> None:
-        self.cfg, self.name, self.envelopes, self.feed = cfg, name, envelopes, feed
+    def __init__(self, cfg: RunConfig, name: str, envelopes: list[dict], feed: str, paced_s: float = 40.0) -> None:
+        self.cfg, self.name, self.envelopes, self.feed, self.paced_s = cfg, name, envelopes, feed, paced_s
         tag = self.tag = uuid.uuid4().hex[:8]
         self.broker_restart_s: float | None = None
         app_id = f"faults-{name.replace('_', '-')}-{tag}"
@@ -178,7 +177,7 @@ class Run:
 
     def _paced(self) -> None:
         try:
-            asyncio.run(self._produce(rate=self.cfg.paced_rate))
+            asyncio.run(self._produce(rate=min(2000.0, max(50.0, self.total / self.paced_s))))
         except Exception as e:  # reported: the run's input is then incomplete, the verdict says so
             self.producer_error = f"{type(e).__name__}: {e}"
         finally:
@@ -291,7 +290,15 @@ class Run:
         return sum(self.history[-1][1].values()) / max(1, self.total)
 
     # -- what scenarios call ----------------------------------------------------------------------------
-    def start_worker(self) -> Worker:
+    def start_workers(self, n: int) -> list[Worker]:
+        """``n`` workers started together (a paced feed starts once all answer)."""
+        ws = [self.start_worker(wait=False) for _ in range(n)]
+        for w in ws:
+            self.wait_ready(w)
+        self.start_paced()
+        return ws
+
+    def start_worker(self, wait: bool = True) -> Worker:
         port = free_port()
         idx = len(self.workers)
         log = self.dir / f"worker-{idx}.log"
@@ -306,8 +313,9 @@ class Run:
             )
         w = Worker(idx, proc, log, port, time.monotonic())
         self.workers.append(w)
-        self.wait_ready(w)
-        self.start_paced()
+        if wait:
+            self.wait_ready(w)
+            self.start_paced()
         return w
 
     def wait_ready(self, w: Worker, timeout: float = 120.0) -> None:

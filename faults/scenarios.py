@@ -21,6 +21,9 @@ class Scenario:
     about: str
     oversize: bool = False  # adds near-limit inputs whose dead letters exceed the producer's request size
     fast: bool = True  # in the --fast subset (exactly_once)
+    # a paced feed lasts this long: longer than the workers it starts mid-stream take to start on a busy
+    # 2-core machine (10-18 s each seen), so they still find a stream flowing (at most 2,000 messages/s)
+    paced_s: float = 40.0
 
 
 def no_fault(run: Run) -> None:
@@ -62,8 +65,7 @@ def joins_two(run: Run) -> None:
 
 
 def kill_one_of_two(run: Run) -> None:
-    a = run.start_worker()
-    b = run.start_worker()
+    a, b = run.start_workers(2)
     run.wait_processing(a)
     run.wait_processing(b)
     run.wait_progress(0.5)
@@ -71,7 +73,7 @@ def kill_one_of_two(run: Run) -> None:
 
 
 def rolling_restart(run: Run) -> None:
-    ws = [run.start_worker() for _ in range(3)]
+    ws = run.start_workers(3)
     for w in ws:
         run.wait_processing(w)
     for i, (w, share) in enumerate(zip(ws, (0.2, 0.45, 0.7), strict=True)):
@@ -100,8 +102,7 @@ def broker_kill(run: Run) -> None:
 
 
 def sigstop(run: Run) -> None:
-    a = run.start_worker()
-    b = run.start_worker()
+    a, b = run.start_workers(2)
     run.wait_processing(a)
     run.wait_processing(b)
     run.wait_progress(0.3)
@@ -128,9 +129,11 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("clean_restart", "paced", clean_restart, "paced; SIGTERM at 50%, then a new worker"),
         Scenario("join_second", "paced", joins, "paced; a second worker joins at 30%, no fault"),
-        Scenario("join_second_third", "paced", joins_two, "paced; 2nd worker joins at 25%, 3rd at 50%"),
+        Scenario("join_second_third", "paced", joins_two, "paced; 2nd worker joins at 25%, 3rd at 50%", paced_s=80),
         Scenario("kill_one_of_two", "paced", kill_one_of_two, "paced; two workers, one SIGKILLed at 50%"),
-        Scenario("rolling_restart", "paced", rolling_restart, "paced; 3 workers restarted one by one (SIGTERM)"),
+        Scenario(
+            "rolling_restart", "paced", rolling_restart, "paced; 3 workers restarted one by one (SIGTERM)", paced_s=90
+        ),
         Scenario("broker_kill", "paced", broker_kill, "paced; broker SIGKILL at 50%, restarted after 10 s"),
         Scenario("sigstop_zombie", "paced", sigstop, "paced; SIGSTOP one of two beyond the session timeout"),
         Scenario(
