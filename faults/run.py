@@ -177,7 +177,7 @@ class Run:
 
     def _paced(self) -> None:
         try:
-            asyncio.run(self._produce(rate=min(2000.0, max(50.0, self.total / self.paced_s))))
+            asyncio.run(self._produce(rate=min(2000.0, max(10.0, self.total / self.paced_s))))
         except Exception as e:  # reported: the run's input is then incomplete, the verdict says so
             self.producer_error = f"{type(e).__name__}: {e}"
         finally:
