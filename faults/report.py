@@ -55,7 +55,7 @@ def markdown(res: dict[str, Any]) -> str:
         "## Runs",
         "",
         "| scenario | guarantee | run | " + " | ".join(heads) + " | dup push/audit/DL/label | applied twice / lost "
-        "| decision diffs (missing/extra/action/segment) | recover s | wall s |",
+        "| decision diffs unexplained of all (missing/extra/action/segment) | recover s | wall s |",
         "|" + "---|" * (len(heads) + 8),
     ]
     for r in res["runs"]:
@@ -71,7 +71,8 @@ def markdown(res: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {num['dup_pushes']}/{num['dup_audit']}/{num['dup_dead_letters']}/{num['dup_labels']}"
             f" | {num['events_applied_twice']}/{num['events_lost']}"
-            f" | {num['decision_differences']} ({d['missing']}/{d['extra']}/{d['action_differs']}/"
+            f" | {num.get('decision_differences_unexplained', '?')} of {num['decision_differences']}"
+            f" ({d['missing']}/{d['extra']}/{d['action_differs']}/"
             f"{d['segment_differs']}) | {rec} | {r['wall_s']} |"
         )
     lines += ["", "## Evidence of failing runs", ""]
