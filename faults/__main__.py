@@ -1,0 +1,5 @@
+import sys
+
+from faults.matrix import main
+
+sys.exit(main())
