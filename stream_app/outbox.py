@@ -215,7 +215,10 @@ class Transactions(TransactionManager):
         if self.outbox is None:
             return []
         self.outbox.done.pop(tid, None)
-        return self.outbox.pending.pop(tid, [])
+        futures = self.outbox.pending.pop(tid, [])
+        for future in futures:  # a dropped one's error (fenced, aborted) is expected: never "never retrieved"
+            future.add_done_callback(_retrieve)
+        return futures
 
     def _done(self, tid: str) -> list[Callable[[], Any]]:
         return self.outbox.done.pop(tid, []) if self.outbox is not None else []
@@ -310,3 +313,8 @@ class Transactions(TransactionManager):
         if tids:
             log.info("starting %d transactional producers", len(tids))
             await asyncio.gather(*(producer.begin_transaction(tid) for tid in tids))
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()

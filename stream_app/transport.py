@@ -259,7 +259,8 @@ async def drain_in_batches(consumer: Any, fetcher: Any, feeds: list[BatchFeed]) 
                     await feed.put(consumer, batch[start : start + feed.size])
             fetched = getattr(consumer._thread, "last_positions", None)
             if complete and fetched and consumer.flow_active:  # every record of this fetch was handed over
-                consumer.fetched_position.update(fetched)
+                held = {TP(t, p) for feed in feeds if feed.merge is not None for t, p in feed.merge.holding()}
+                consumer.fetched_position.update({tp: pos for tp, pos in fetched.items() if tp not in held})
             consumer.diag.unset_flag(CONSUMER_FETCHING)
     except consumer.consumer_stopped_errors:
         if consumer.transport.app.should_stop:
