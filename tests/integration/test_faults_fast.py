@@ -2,9 +2,11 @@
 them under at_least_once too, on a real local broker this test's run starts (and may SIGKILL: never the suite's
 shared broker), each checked by the independent read_committed verifier against replay.
 
-Off unless ``STREAM_APP_FAULTS=1``: on main as this was written it fails (duplicate outputs at rebalances,
-decisions missing under a backlog, ...), which is what it is for; the lead turns it on once the shell holds.
-About 10 minutes on a 2-core machine. The broker port is ``STREAM_APP_FAULTS_KAFKA_PORT`` (default: the
+``test_the_ci_scenarios_keep_every_invariant`` runs in every CI run: the scenarios that passed every run after
+the shell rework (``CI_SCENARIOS``, about 6 minutes). The whole fast subset runs with ``STREAM_APP_FAULTS=1``
+(about 12 minutes): it still fails now and then on ``rolling_restart`` (an input event lost in 2 of 5 runs) and on
+the worker-join scenarios (a decision or two differing from replay), the open items of docs/delivery.md.
+The broker port is ``STREAM_APP_FAULTS_KAFKA_PORT`` (default: the
 integration tests' port + 2).
 """
 
@@ -22,20 +24,27 @@ from faults.scenarios import FAST_ALO, SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        os.environ.get("STREAM_APP_FAULTS") != "1",
-        reason="fault matrix (about 10 min) runs only with STREAM_APP_FAULTS=1",
-    ),
-]
+pytestmark = pytest.mark.integration
+
+CI_SCENARIOS = ["no_fault", "kill_50", "clean_restart", "broker_kill", "oversize"]
+
+
+@pytest.mark.timeout(1200)
+def test_the_ci_scenarios_keep_every_invariant(tmp_path):
+    run_matrix(tmp_path, CI_SCENARIOS)
 
 
 @pytest.mark.timeout(1500)
+@pytest.mark.skipif(os.environ.get("STREAM_APP_FAULTS") != "1", reason="the whole fast subset: STREAM_APP_FAULTS=1")
 def test_every_scenario_keeps_every_invariant(tmp_path):
+    run_matrix(tmp_path, None)
+
+
+def run_matrix(tmp_path: Path, scenarios: list[str] | None) -> None:
     port = os.environ.get("STREAM_APP_FAULTS_KAFKA_PORT") or str(int(os.environ.get("STREAM_APP_TEST_KAFKA_PORT",
                                                                                      "19092")) + 2)  # fmt: skip
     cmd = [sys.executable, "-m", "faults", "--fast", "--port", port, "--out", str(tmp_path), "--name", "fast"]
+    cmd += [arg for name in scenarios or [] for arg in ("--scenario", name)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1450)
     print(proc.stdout[-5000:])
     results = tmp_path / "faults-fast.json"
@@ -44,9 +53,9 @@ def test_every_scenario_keeps_every_invariant(tmp_path):
     print((tmp_path / "faults-fast.md").read_text())
 
     ran = {(r["scenario"], r["guarantee"]) for r in res["runs"]}
-    fast = {n for n, s in SCENARIOS.items() if s.fast}
-    assert {(n, "exactly_once") for n in fast} <= ran, "every fast scenario ran under exactly_once"
-    assert {(n, "at_least_once") for n in FAST_ALO} <= ran
+    fast = set(scenarios or [n for n, s in SCENARIOS.items() if s.fast])
+    assert {(n, "exactly_once") for n in fast} <= ran, "every chosen scenario ran under exactly_once"
+    assert {(n, "at_least_once") for n in FAST_ALO if n in fast} <= ran
 
     failures = []
     for r in res["runs"]:
