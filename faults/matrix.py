@@ -70,7 +70,8 @@ def head_commit() -> str:
     return "?"
 
 
-def one_run(cfg: RunConfig, sc: Scenario, envelopes: list[dict], ref: verify.Reference, run_no: int) -> dict:
+def one_run(cfg: RunConfig, sc: Scenario, envelopes: list[dict], ref: verify.Reference, run_no: int,
+            keep_failed: bool = False) -> dict:  # fmt: skip
     t0 = time.monotonic()
     run = Run(cfg, sc.name, envelopes, sc.feed, sc.paced_s)
     res: dict[str, Any] = {
@@ -129,7 +130,10 @@ def one_run(cfg: RunConfig, sc: Scenario, envelopes: list[dict], ref: verify.Ref
             res["workers"] = run.worker_report()
     finally:
         run.close()
-        run.delete_topics()
+        if keep_failed and not res.get("passed"):
+            res["topics_kept"] = True  # for a post-mortem: the input, outputs, changelogs, __consumer_offsets
+        else:
+            run.delete_topics()
     res["wall_s"] = round(time.monotonic() - t0, 1)
     return res
 
@@ -194,6 +198,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default=None, help="results file stem: faults-<name> (default fast or full)")
     p.add_argument("--keep-logs", action="store_true", help="keep workers' logs (their directory is printed)")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep a failed run's topics and leave the local broker running (for a post-mortem)")
     return p.parse_args(argv)
 
 
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     settings_overrides=overrides,
                 )
                 say(f"{sc.name} {guarantee} run {i + 1}/{runs} ({sc.feed}, {len(envs)} messages)")
-                r = one_run(cfg, sc, envs, ref, i + 1)
+                r = one_run(cfg, sc, envs, ref, i + 1, keep_failed=a.keep_failed)
                 res["runs"].append(r)
                 failed = [k for k in r.get("required", []) if not r.get("invariants", {}).get(k, False)]
                 say(
@@ -306,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["wall_s"] = round(time.monotonic() - t_start, 1)
                 write(res, out_dir, name)
     finally:
-        if local is not None and started_broker:
+        if a.keep_failed and any(r.get("topics_kept") for r in res["runs"]):
+            say(f"failed runs' topics kept; broker left running at {local.bootstrap if local else a.bootstrap}")
+        elif local is not None and started_broker:
             local.down()
             shutil.rmtree(local.dir, ignore_errors=True)
         if a.keep_logs:

@@ -178,11 +178,13 @@ class Worker:
         results = []
         skip = self.lost | self.dirty
         unacked = self.app.consumer._unacked_messages if ack else None
+        skipped: dict[TP, list[int]] = {}
         for msg in messages:
             tp = msg.tp
             if tp in skip:  # not ours (any more), or its state is being reloaded: consumed again later
                 if unacked is not None:
                     unacked.discard(msg)
+                skipped.setdefault(tp, []).append(msg.offset)
                 continue
             if (group := group_of.get(tp)) is None:
                 key = self.outbox.route(tp)
@@ -195,6 +197,9 @@ class Worker:
             if result[0] == "dead_letter":
                 group[3].append((tp.topic, result[1]))
                 log.warning("dead-lettered %s[%s]@%s: %s", tp.topic, tp.partition, msg.offset, result[1])
+        if skipped:
+            log.info("skipped until the rebalance (%s): %s", "revoked" if skip & self.lost else "failed",
+                     {f"{tp.topic}[{tp.partition}]": f"{min(o)}..{max(o)}" for tp, o in skipped.items()})  # fmt: skip
         for tp, records, handled, dead in groups.values():
             # dead letters are counted once durable (committed, or delivered under at_least_once)
             done = (lambda dead=dead: [self.engine.counted(t, c) for t, c in dead]) if dead else None
@@ -212,9 +217,17 @@ class Worker:
         """The single trainer: learn from each label or sample, persist learning state, publish versions;
         one locked send per batch. Acks as ``process_batch`` does. Returns each message's first model key."""
         m, settings, trainer, trainer_state = self.metrics, self.settings, self.trainer, self.trainer_state
-        if self.to_check:
-            await self.check_assignment()
-        messages = [msg for msg in messages if msg.tp not in self.lost and msg.tp not in self.dirty]
+        async with self.loading:  # a check under way (a batch of events started it) must finish first: until
+            if self.to_check:  # it has, ``dirty`` still names the last generation's failures
+                await self.check_assignment()
+        skip = self.lost | self.dirty
+        if skipped := [msg for msg in messages if msg.tp in skip]:
+            if ack:  # consumed again after the rebalance; a stop must not wait for them
+                unacked = self.app.consumer._unacked_messages
+                for msg in skipped:
+                    unacked.discard(msg)
+            log.info("skipped until the rebalance: %d model inputs", len(skipped))
+            messages = [msg for msg in messages if msg.tp not in skip]
         if not messages:
             return []
         if not self.trainer_fresh:  # (re)gained the partition: continue from the persisted state

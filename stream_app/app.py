@@ -8,6 +8,7 @@ never sees Faust.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from stream_app.engine import Engine, ModelStore
 from stream_app.kafka_io import client_kwargs
 from stream_app.metrics import Metrics
 from stream_app.ordering import EventTimeMerge
-from stream_app.outbox import Outbox, send_records
+from stream_app.outbox import Outbox, quiet_fenced_futures, send_records
 from stream_app.settings import Settings
 from stream_app.store import ChangelogStore
 from stream_app.transport import BatchFeed, FetchWait, transport_for
@@ -154,6 +155,7 @@ def create_app(
         consumer = app.consumer
         consumer.on_failed = lambda tps: worker.on_failure(tps, RuntimeError("commit failed"))
         consumer.transactions.outbox = outbox
+        quiet_fenced_futures(asyncio.get_running_loop())
 
     async def process_events(stream: Any) -> Any:
         """The event agent. In a worker the transport hands it each fetch's events as batches (BatchFeed)

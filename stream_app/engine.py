@@ -56,13 +56,23 @@ Record = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value
 ERASED = b'{"erased":true}'  # an erased user's state: no personal data, pushes stay suppressed
 
 
-def encode_state(state: UserState) -> bytes:
-    """A user's state as the JSON bytes the store holds and its changelog record carries.
+def encode_state(state: UserState, watermark: int | None = None) -> bytes:
+    """A user's state as the JSON bytes the store holds and its changelog record carries, with its
+    partition's event-time watermark when it was written (``w``): a worker that takes the partition over
+    resumes the watermark from the newest of them, so its timers fire at the events replay fires them at
+    (restarting from the first event it read, a late one left a timer unfired: measured 1 of ~1,640
+    decisions missing after a handover, 8 of ~27,000 at full size).
 
     Copied to its own size: the bytes orjson returns keep their initial ~4 KB buffer (measured with
     tracemalloc: 8 KB per held 325-byte state, 777 MB for 100k users), which a long-lived store must not.
+
+    >>> encode_state(UserState(None, True, [], 0), 1700000000000)  # an opt-out that outlived its profile
+    b'{"p":null,"o":true,"l":0,"q":[]}'
     """
-    return memoryview(orjson.dumps(state.to_dict())).tobytes()
+    d = state.to_dict()
+    if watermark is not None and state.profile is not None:  # a kept opt-out alone says nothing of when
+        d["w"] = watermark
+    return memoryview(orjson.dumps(d)).tobytes()
 
 
 class UserStore(Protocol):
@@ -407,22 +417,29 @@ class Engine:
             self.timers.clear()
         else:
             self.timers.drop(partitions)
+        watermarks: dict[int, int] = {}
         for user_id, stored in self.users.items():
             if stored is not None and stored != ERASED:
                 p = partition_for(user_id, self.nparts)
                 if partitions is None or p in partitions:
                     try:
-                        due = stored_due_ms(orjson.loads(stored), self.config)
+                        d = orjson.loads(stored)
+                        due = stored_due_ms(d, self.config)
                     except (orjson.JSONDecodeError, LookupError, TypeError, ValueError, AttributeError):
                         continue
                     self.timers.schedule(p, user_id, due)
+                    if isinstance(w := d.get("w"), int) and w > watermarks.get(p, w - 1):
+                        watermarks[p] = w
+        limit = self.clock() + self.lead_ms if self.clock is not None else None  # as an event's bound
+        for p, w in watermarks.items():  # where the partition's event time was when its state was written
+            self.timers.advance(p, w if limit is None else min(w, limit))
         self.index_fresh = True
 
     def store(self, work: Work, user_id: str, state: UserState | None, partition: int) -> None:
         if state is None:
             work.put(user_id, None, partition)  # expired: a tombstone in the changelog
             return
-        work.put(user_id, encode_state(state), partition)
+        work.put(user_id, encode_state(state, self.timers.watermarks.get(partition)), partition)
         self.timers.schedule(partition, user_id, next_due_ms(state, self.config))
 
     def fire_timers(self, work: Work, partition: int, event_ms: int) -> None:

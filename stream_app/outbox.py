@@ -131,6 +131,7 @@ class Outbox:
         current event's), and ack those messages; False (nothing acked) if they could not be sent."""
         ack = list(ack)
         producer = self.app.producer
+        failing = {m.tp for m in ack}  # a failure drops the effects of every source partition acked here
         if tp is None and self.app.in_transaction and (event := faust.current_event()) is not None:
             tp = event.message.tp
         if tp is None or not self.app.in_transaction:
@@ -138,25 +139,32 @@ class Outbox:
         tid = transactional_id(self.app, tp)
         transactional = producer._transaction_producers.get(tid)  # Faust's per-partition producer
         lock = producer._trn_locks.get(tid)
+        failing.add(tp)
         if transactional is None or lock is None:
-            self.on_failure({tp}, RuntimeError(f"no transactional producer {tid} for {tp}"))
-            return False
+            return self._failed(failing, ack, RuntimeError(f"no transactional producer {tid} for {tp}"))
         async with lock:
             if producer._transaction_producers.get(tid) is not transactional:  # replaced while we waited
-                self.on_failure({tp}, RuntimeError(f"transactional producer {tid} replaced"))
-                return False
+                return self._failed(failing, ack, RuntimeError(f"transactional producer {tid} replaced"))
             try:
                 if records:
                     self.pending[tid] += await send_records(transactional, records)
             except Exception as exc:  # e.g. fenced, or a refused record: this partition's transaction is lost
                 log.warning("sending %d records for %s failed: %r", len(records), tp, exc)
-                self.on_failure({tp}, exc)
-                return False
+                return self._failed(failing, ack, exc)
             for message in ack:  # under the lock: the next commit takes these offsets with these records
                 self.app.consumer.ack(message)
             if done is not None:
                 self.done[tid].append(done)
         return True
+
+    def _failed(self, tps: set[TP], ack: list[Any], exc: BaseException) -> bool:
+        """The effects of ``ack`` could not be sent: the shell drops ``tps``' state, and the messages stop
+        counting as in flight (a rebalance or a stop waits for those; they are consumed again after it)."""
+        self.on_failure(tps, exc)
+        unacked = self.app.consumer._unacked_messages
+        for message in ack:
+            unacked.discard(message)
+        return False
 
     async def _send_then_ack(self, records: list[Record], ack: list[Any], tp: TP | None,
                              done: Callable[[], Any] | None = None) -> bool:  # fmt: skip
@@ -164,8 +172,7 @@ class Outbox:
             futures = await send_records(self.app.producer._ensure_producer(), records) if records else []
         except Exception as exc:
             log.warning("sending %d records for %s failed: %r", len(records), tp, exc)
-            self.on_failure({tp} if tp is not None else set(), exc)
-            return False
+            return self._failed({m.tp for m in ack} | ({tp} if tp is not None else set()), ack, exc)
         if not ack and done is None:
             return True
         if not futures:
@@ -186,9 +193,7 @@ class Outbox:
             await asyncio.gather(*futures)
         except Exception as exc:
             log.warning("delivery of %s's records failed, %d messages stay unacked: %r", tp, len(ack), exc)
-            self.on_failure({m.tp for m in ack}, exc)
-            for message in ack:
-                self.app.consumer._unacked_messages.discard(message)  # consumed again after the rebalance
+            self._failed({m.tp for m in ack}, ack, exc)
             return
         for message in ack:
             self.app.consumer.ack(message)
@@ -223,11 +228,12 @@ class Transactions(TransactionManager):
     def _done(self, tid: str) -> list[Callable[[], Any]]:
         return self.outbox.done.pop(tid, []) if self.outbox is not None else []
 
-    async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+    async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True,
+                     locked: bool = False) -> bool:  # fmt: skip
         """Commit each partition group's transaction with its offsets; a group whose records were not all
-        delivered, or whose commit fails, is aborted and its partitions reported in ``failed``."""
+        delivered, or whose commit fails, is aborted and its partitions reported in ``failed``. ``locked``:
+        the caller holds the groups' locks (and computed the offsets under them)."""
         producer = self.producer
-        group_id = self.app.conf.id
         by_tid: dict[str, dict[TP, int]] = defaultdict(dict)
         for tp, offset in offsets.items():
             by_tid[transactional_id(self.app, tp)][tp] = offset
@@ -239,24 +245,28 @@ class Transactions(TransactionManager):
                 self._fail(tid_offsets, RuntimeError(f"no transactional producer {tid}"))
                 ok = False
                 continue
-            async with lock:
-                done, committed = self._done(tid), False  # run once committed; dropped if it is aborted
-                try:
-                    if pending := self._pending(tid):
-                        await asyncio.gather(*pending)  # a record that was not delivered fails the commit
-                    await transactional.send_offsets_to_transaction(tid_offsets, group_id)
-                    await transactional.commit_transaction()
-                    committed = True
-                    if start_new_transaction:
-                        await transactional.begin_transaction()
-                except Exception as exc:
-                    await self._abandon(tid, transactional)
-                    self._fail(tid_offsets, exc)
-                    ok = False
-                if committed:
-                    for callback in done:
-                        callback()
+            async with contextlib.nullcontext() if locked else lock:
+                ok = await self._commit_one(tid, transactional, tid_offsets, start_new_transaction) and ok
         return ok
+
+    async def _commit_one(self, tid: str, transactional: AIOKafkaProducer, offsets: Mapping[TP, int],
+                          start_new_transaction: bool) -> bool:  # fmt: skip
+        done, committed = self._done(tid), False  # run once committed; dropped if it is aborted
+        try:
+            if pending := self._pending(tid):
+                await asyncio.gather(*pending)  # a record that was not delivered fails the commit
+            await transactional.send_offsets_to_transaction(offsets, self.app.conf.id)
+            await transactional.commit_transaction()
+            committed = True
+            if start_new_transaction:
+                await transactional.begin_transaction()
+        except Exception as exc:
+            await self._abandon(tid, transactional)
+            self._fail(offsets, exc)
+        if committed:
+            for callback in done:
+                callback()
+        return committed
 
     def _fail(self, tps: Iterable[TP], exc: BaseException) -> None:
         tps = set(tps)
@@ -313,6 +323,30 @@ class Transactions(TransactionManager):
         if tids:
             log.info("starting %d transactional producers", len(tids))
             await asyncio.gather(*(producer.begin_transaction(tid) for tid in tids))
+
+
+FENCED = ("ProducerFenced", "InvalidProducerEpoch", "TransactionalIdAuthorizationFailed")
+
+
+def quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """A fenced transactional producer (a zombie worker's, after another worker took its partitions) fails
+    futures inside aiokafka that nobody awaits (its transaction waiter, replaced or dropped with the
+    producer): asyncio reports each as an ERROR with a traceback when it is collected. The failure is
+    expected and already handled (the transaction is aborted and reported, the producer replaced), so those
+    reports are logged as one INFO line; every other unhandled loop error keeps asyncio's handling."""
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if context.get("message") == "Future exception was never retrieved" and type(exc).__name__ in FENCED:
+            log.info("a fenced producer's future failed unobserved: %r", exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _retrieve(future: asyncio.Future) -> None:

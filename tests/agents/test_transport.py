@@ -33,3 +33,39 @@ def test_faust_end_offset_gauge_is_set_per_partition_through_the_bound_child(tmp
     assert value("faust_topic_partition_end_offset", {"topic": "clicks", "partition": "0"}) == 42
     assert value("faust_topic_partition_end_offset", {"topic": "clicks", "partition": "1"}) == 7
     assert sa.app.monitor.tp_end_offsets[TP("clicks", 0)] == 42  # Faust's own lag bookkeeping still sees it
+
+
+def test_no_offset_is_committed_over_a_record_that_was_not_processed(tmp_path):
+    """Faust 0.15 commits past the record at the committed offset when that one record is not acked (and
+    checks nothing at all when the committed offset is 0): a record the worker dropped there was lost. The
+    worker's consumer commits past it only once it is acked, or known to hold no record."""
+    from faust.transport.drivers.aiokafka import Consumer as FaustConsumer
+    from faust.types import TP
+
+    sa = create_app(Settings(app_id="offsets-test", datadir=str(tmp_path)), recover=False)
+    consumer = sa.app.consumer
+    tp = TP("payments", 0)
+
+    def new_offset(committed, acked, cls=None):
+        consumer._committed_offset[tp] = committed
+        consumer._acked[tp] = list(acked)
+        consumer._acked_index[tp] = set(acked)
+        return (cls or type(consumer))._new_offset(consumer, tp)
+
+    for committed in (0, 10):
+        assert new_offset(committed, [committed + 1, committed + 2], FaustConsumer) == committed + 3  # the hole
+        assert new_offset(committed, [committed + 1, committed + 2]) is None  # record `committed` unacked
+        assert new_offset(committed, [committed, committed + 1, committed + 2]) == committed + 3
+        assert new_offset(committed, [committed + 3]) is None
+
+    # fetching after a seek to 10 began at 12: 10 and 11 hold no records (e.g. transaction markers)
+    consumer._gap.pop(tp, None)
+    consumer.note_first_after_seek(tp, 10, 12)
+    assert new_offset(10, [12, 13]) == 14
+    # nothing committed yet: fetching began at the log's first record, which is where committing starts
+    consumer._gap.pop(tp, None)
+    consumer._committed_offset.pop(tp, None)
+    consumer.note_first_after_seek(tp, None, 5)
+    assert consumer._committed_offset[tp] == 5
+    assert new_offset(5, [6, 7]) is None
+    assert new_offset(5, [5, 6, 7]) == 8
