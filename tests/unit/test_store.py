@@ -53,7 +53,7 @@ BATCHES = [
 
 
 async def _load_with(forget_between: set[int] | None, forget_all: bool = False) -> GatedStore:
-    store = GatedStore(BATCHES + [[]])
+    store = GatedStore([*BATCHES, []])
     load = asyncio.create_task(store.ensure({0, 1, 2}))
     await _next_batch(store)  # the first batch is in memory
     if forget_all:
@@ -84,7 +84,7 @@ def test_forgetting_everything_mid_load_leaves_nothing_loaded():
 def test_a_later_load_of_a_forgotten_partition_loads_it_whole():
     async def run() -> GatedStore:
         store = await _load_with({1})
-        store.batches, store.step, store.waiting = BATCHES + [[]], asyncio.Event(), asyncio.Event()
+        store.batches, store.step, store.waiting = [*BATCHES, []], asyncio.Event(), asyncio.Event()
         load = asyncio.create_task(store.ensure({0, 1, 2}))
         for _ in range(3):
             await _next_batch(store)
@@ -99,7 +99,7 @@ def test_a_later_load_of_a_forgotten_partition_loads_it_whole():
 
 def test_a_load_without_interference_loads_everything():
     async def run() -> GatedStore:
-        store = GatedStore(BATCHES + [[]])
+        store = GatedStore([*BATCHES, []])
         load = asyncio.create_task(store.ensure({0, 1, 2}))
         for _ in range(3):
             await _next_batch(store)
@@ -115,7 +115,7 @@ def test_a_load_without_interference_loads_everything():
 @pytest.mark.parametrize("partitions", [{1}, None])
 def test_forget_of_a_loaded_partition_still_drops_its_keys(partitions):
     async def run() -> GatedStore:
-        store = GatedStore(BATCHES + [[]])
+        store = GatedStore([*BATCHES, []])
         load = asyncio.create_task(store.ensure({0, 1, 2}))
         for _ in range(3):
             await _next_batch(store)
