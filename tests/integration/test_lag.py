@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream_app.demo import stop_process
 from stream_app.kafka_io import produce
 from tests.integration.conftest import wait_until
 
@@ -119,13 +120,7 @@ def _run(kafka_bootstrap, app_settings, worker_env, tmp_path: Path, refresh_s: s
                    log, "backlog drained, lag 0")  # fmt: skip
         return lag, after
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(45)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def test_lag_counts_records_produced_while_the_worker_does_not_fetch(
