@@ -4,6 +4,7 @@ pushed user, and stops the worker and the broker it started."""
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -11,24 +12,31 @@ from stream_app.kafka_local import LocalKafka, metadata_round_trip
 from tests.integration.conftest import free_port
 
 
-def _free_pair() -> int:
-    """A client port whose next port (the local broker's controller) is free too."""
-    for _ in range(20):
-        port = free_port()
-        if port < 65535 and not metadata_round_trip(f"127.0.0.1:{port}", timeout=1):
-            import socket
+def _adjacent_free(port: int) -> bool:
+    """``port`` and ``port + 1`` (the local broker's controller) are free."""
+    for p in (port, port + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
 
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
+
+def _demo_port() -> int:
+    """Two ports above the suite's broker (STREAM_APP_TEST_KAFKA_PORT, so a shared machine's port plan holds),
+    else any two adjacent free ports."""
+    if base := int(os.environ.get("STREAM_APP_TEST_KAFKA_PORT", "0")):
+        assert _adjacent_free(base + 2), f"ports {base + 2} and {base + 3} are taken"
+        return base + 2
+    for _ in range(20):
+        if _adjacent_free(port := free_port()):
             return port
     raise RuntimeError("no two adjacent free ports")
 
 
 def test_demo_tells_the_story_and_stops_what_it_started(tmp_path):
-    port = _free_pair()
+    port = _demo_port()
     env = {
         **os.environ,
         "STREAM_APP_BROKER": f"kafka://127.0.0.1:{port}",
