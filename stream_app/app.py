@@ -9,6 +9,7 @@ never sees Faust.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from stream_app.ordering import EventTimeMerge
 from stream_app.outbox import Outbox, quiet_fenced_futures, send_records
 from stream_app.settings import Settings
 from stream_app.store import ChangelogStore
-from stream_app.transport import BatchFeed, FetchWait, transport_for
+from stream_app.transport import BatchFeed, EndOffsets, FetchWait, transport_for
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChangelogStore", "ModelStore", "Outbox", "StreamApp", "client_kwargs", "create_app", "send_records"]
 
@@ -202,6 +205,24 @@ def create_app(
         worker.observe_state()
         ready.ready()  # sets the readiness gauge also when no probe asks
         metrics.event_loop_lag_seconds.set(ready.loop_lag_s)
+
+    isolation = "read_committed" if settings.processing_guarantee == "exactly_once" else "read_uncommitted"
+    end_offsets = EndOffsets(client_kwargs(settings), isolation)  # the worker consumer's isolation (Faust's rule)
+
+    @app.task
+    async def refresh_end_offsets() -> None:
+        """The end-offset gauge from the broker every lag_refresh_s, fetching or not (transport.EndOffsets)."""
+        try:
+            while not app.should_stop:
+                await asyncio.sleep(settings.lag_refresh_s)
+                if app.rebalancing or app.should_stop:
+                    continue
+                try:
+                    await end_offsets.refresh(app.monitor, app.consumer.assignment)
+                except Exception as exc:  # the broker unreachable, a leader moving: next time
+                    log.warning("end offsets not refreshed: %r", exc)
+        finally:
+            await end_offsets.stop()
 
     @app.timer(settings.model_publish_interval_ms / 1000)
     async def flush_models() -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,7 +16,7 @@ import click
 import orjson
 
 from stream_app.core.events import EVENT_TYPES
-from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version, metadata_round_trip
+from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version
 
 
 def _settings():
@@ -32,9 +29,6 @@ def _local_for(settings) -> LocalKafka:
     first = settings.broker.split(";")[0]
     port = urlparse(first).port or 9092
     return LocalKafka(port=port)
-
-
-COUNTERS = ("stream_app_events_consumed_total{", "stream_app_events_rejected_total{")
 
 
 @click.group()
@@ -185,146 +179,20 @@ def _worker_class(base: type) -> type:
     return Worker
 
 
-def sample_events(n_users: int, n_events: int, seed: int, t0_ms: int) -> list[tuple[str, str, dict]]:
-    """A small, seeded, readable sample: (topic-kind, user, event) triples."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n_events):
-        user = f"user-{rng.randrange(n_users):03d}"
-        etype = rng.choices(["click", "like", "payment"], weights=[70, 20, 10])[0]
-        ev = {"event_id": f"demo-{seed}-{i}", "type": etype, "user_id": user, "ts": t0_ms + i * 1000}
-        if etype == "payment":
-            ev["amount"] = round(rng.uniform(5, 120), 2)
-            ev["currency"] = "EUR"
-        out.append((etype, user, ev))
-    return out
-
-
 @main.command("demo")
-@click.option("--users", default=25, show_default=True)
-@click.option("--events", default=500, show_default=True)
+@click.option("--users", default=1000, show_default=True, help="simulated users")
+@click.option("--days", default=4, show_default=True, help="simulated days of their events")
 @click.option("--seed", default=7, show_default=True)
+@click.option("--rate", default=400.0, show_default=True,
+              help="messages per second (0: at once); paced, the models learn while the days pass")  # fmt: skip
 @click.option("--keep-broker", is_flag=True, help="leave the local broker running afterwards")
-def demo(users: int, events: int, seed: int, keep_broker: bool) -> None:
-    """Broker up, topics, a worker, sample events, then show what happened, and shut down."""
-    from stream_app.kafka_io import create_topics, latest_by_key, produce, read_to_end
+def demo(users: int, days: int, seed: int, rate: float, keep_broker: bool) -> None:
+    """A simulated population's few days through a real worker on a real broker (started here when none
+    answers), then pushes, holdouts and suppressions by campaign and reason, one decision explained, and
+    where the metrics and dashboard are. Stops what it started."""
+    from stream_app import demo as story
 
-    s = _settings()
-    local = _local_for(s)
-    bs = s.bootstrap_servers
-    started_broker = False
-    if metadata_round_trip(bs, timeout=3):
-        click.echo(f"1/5 using the Kafka broker already answering at {bs}")
-    else:
-        click.echo(f"1/5 starting a local Kafka {kafka_version()} on {local.bootstrap} ...")
-        try:
-            took = local.up()
-        except BrokerError as e:
-            raise click.ClickException(str(e)) from None
-        started_broker = True
-        click.echo(f"    ready in {took:.1f}s (log: {local.log_file})")
-    run_id = f"{int(time.time())}"
-    # A fresh app id and topics per run, so a demo never counts the events of an earlier one.
-    s = s.with_topic_suffix(f"demo-{run_id}").model_copy(update={"app_id": f"{s.app_id}-demo-{run_id}"})
-    env = {**os.environ, **s.to_env()}
-    made = asyncio.run(create_topics(bs, s.topic_layout()))
-    click.echo(f"2/5 topics ready ({', '.join(made) or 'all existed'})")
-
-    log_path = Path(s.datadir) / f"demo-worker-{run_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    click.echo(f"3/5 starting a worker (log: {log_path}) ...")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", "worker", "--loglevel", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        metrics_url = f"http://{s.web_bind}:{s.web_port}/metrics"
-        _wait_for(lambda: _get(metrics_url) is not None, 60, proc, log_path, "worker web server")
-        t0_ms = int(time.time() * 1000)
-        sample = sample_events(users, events, seed, t0_ms)
-        topic_of = dict(zip(("click", "like", "payment"), s.input_topics, strict=True))
-        records = [(topic_of[k], u.encode(), orjson.dumps(ev)) for k, u, ev in sample]
-        records += [(s.clicks_topic, b"user-000", b"{not json"), (s.payments_topic, None, b'{"type":"payment"}')]
-        t_send = time.monotonic()
-        asyncio.run(produce(bs, records))
-        click.echo(f"4/5 produced {len(sample)} events for {users} users + 2 malformed messages")
-
-        def processed() -> float:
-            body = _get(metrics_url) or ""
-            return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(COUNTERS))
-
-        _wait_for(lambda: processed() >= len(records), 120, proc, log_path, "all events processed")
-        click.echo(f"    all {len(records)} messages handled {time.monotonic() - t_send:.1f}s after sending")
-        body = _get(metrics_url) or ""
-        _stop(proc)  # a clean shutdown flushes the changelog; what follows is read back from Kafka
-        changelog = f"{s.app_id}-users-changelog"
-        state = latest_by_key(asyncio.run(read_to_end(bs, changelog, 30, "read_uncommitted")))
-        profiles = {orjson.loads(k): orjson.loads(v)["p"] for k, v in state.items()}
-        counts = {u: dict(zip(EVENT_TYPES, p["c"], strict=True)) for u, p in profiles.items()}
-        dead = asyncio.run(read_to_end(bs, s.dead_letter_topic, 30, "read_uncommitted"))
-        audit = [orjson.loads(v) for _, v in asyncio.run(read_to_end(bs, s.audit_topic, 30, "read_uncommitted"))]
-        pushes = asyncio.run(read_to_end(bs, s.decisions_topic, 30, "read_uncommitted"))
-        click.echo("5/5 what happened:")
-        for line in body.splitlines():
-            if line.startswith(COUNTERS) and not line.endswith(" 0.0"):
-                click.echo(f"    {line}")
-        click.echo(f"    state (table users, read back from Kafka topic {changelog}): {len(counts)} users")
-        top = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:3]
-        for user, c in top:
-            p = profiles[user]
-            click.echo(f"      {user}: {c}, spend {p['st']:.2f}, bytes {len(state[orjson.dumps(user)])}")
-        by = sorted({(d["campaign"], d["action"]) for d in audit})
-        summary = ", ".join(f"{c}/{a}={sum(1 for d in audit if (d['campaign'], d['action']) == (c, a))}" for c, a in by)
-        click.echo(f"    decisions ({s.audit_topic}): {len(audit)}: {summary or 'none'}")
-        click.echo(f"    pushes for push services ({s.decisions_topic}): {len(pushes)}")
-        if pushes:
-            d = orjson.loads(pushes[0][1])
-            click.echo(f"      e.g. {d['campaign']} -> {d['user_id']} score={d['score']} p={d['action_probability']} "
-                       f"reasons={d['reasons']}")  # fmt: skip
-        click.echo(f"    dead-letter topic {s.dead_letter_topic!r} holds {len(dead)} records; latest reason: "
-                   f"{orjson.loads(dead[-1][1])['reason'] if dead else '-'}")  # fmt: skip
-        click.echo(f"    metrics were served at {metrics_url} (Prometheus text format)")
-        total = sum(sum(c.values()) for c in counts.values())
-        if total != len(sample):
-            raise click.ClickException(f"state counts {total} events, expected {len(sample)}")
-    finally:
-        _stop(proc)
-        if started_broker and not keep_broker:
-            local.down()
-            click.echo("worker and broker stopped")
-        else:
-            click.echo("worker stopped; broker left running")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.read().decode()
-    except OSError:
-        return None
-
-
-def _wait_for(cond, timeout: float, proc: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise click.ClickException(f"worker exited ({proc.returncode}) while waiting for {what}:\n{tail}")
-        if cond():
-            return
-        time.sleep(0.3)
-    raise click.ClickException(f"timed out after {timeout}s waiting for {what} (log: {log})")
+    story.run(users, days, seed, rate, keep_broker)
 
 
 def _duration(ms: int) -> str:

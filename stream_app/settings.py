@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     web_bind: str = Field("127.0.0.1", description="metrics web server address; 0.0.0.0 exposes it")
     web_port: int = Field(6066, ge=1, le=65535)
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+    lag_refresh_s: float = Field(
+        10.0,
+        gt=0,
+        description="the worker asks the broker for its partitions' end offsets this often, so the "
+        "consumer-lag metric stays true while it does not fetch (a stuck handler, paused partitions)",
+    )
 
     broker_credentials_mechanism: Literal["", "SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = ""
     broker_username: str = ""

@@ -128,6 +128,52 @@ class Monitor(PrometheusMonitor):
         gauge.set(offset)
 
 
+class EndOffsets:
+    """The end offsets of the worker's partitions, asked of the broker every few seconds, into the end-offset
+    gauge the lag alerts read (``faust_topic_partition_end_offset - faust_topic_partition_offset_committed``).
+
+    Faust sets that gauge only while a fetch returns records of the partition, so a worker that stopped
+    fetching (a handler stuck on a slow dependency holds the fetch loop by back pressure; the merge pauses
+    partitions) kept exporting the end offset of its last fetch: lag looked flat while the backlog grew.
+    A plain client of its own (no group; the worker's isolation level, so under exactly_once the end is the
+    last stable offset the worker can reach) lists the offsets, independent of the consumer's fetch loop.
+    An end offset never moves back: the larger of this and the last fetch's is kept.
+    """
+
+    def __init__(self, client_kwargs: dict[str, Any], isolation_level: str) -> None:
+        self.client_kwargs, self.isolation_level = client_kwargs, isolation_level
+        self._client: Any = None
+
+    async def read(self, tps: list[TP]) -> dict[TP, int]:
+        """``tps``' end offsets now (one ListOffsets request per partition leader)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        if not tps:
+            return {}
+        if self._client is None:
+            client = AIOKafkaConsumer(**self.client_kwargs, group_id=None, enable_auto_commit=False,
+                                      isolation_level=self.isolation_level)  # fmt: skip
+            await client.start()
+            self._client = client
+        found = await self._client.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in tps])
+        return {TP(tp.topic, tp.partition): offset for tp, offset in found.items()}
+
+    async def refresh(self, monitor: Monitor, assignment: Any) -> dict[TP, int]:
+        """Set the gauge of every partition still assigned after the request (``assignment()`` is asked
+        again: a rebalance during the request must not bring back a revoked partition's child)."""
+        found = await self.read(sorted(assignment()))
+        still = assignment()
+        ends = {tp: max(offset, monitor.tp_end_offsets.get(tp) or 0) for tp, offset in found.items() if tp in still}
+        for tp, offset in ends.items():
+            monitor.track_tp_end_offset(tp, offset)
+        return ends
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+
+
 @dataclass
 class BatchFeed:
     """Messages of some topics (the events; the model inputs), handed from each fetch straight to one batch

@@ -275,9 +275,20 @@ def suppression_code(decision: Decision) -> str | None:
     >>> suppression_code(d)
     'below_threshold'
     """
-    if decision.action != "suppress":
+    return suppression_code_of(decision.action, decision.reasons)
+
+
+def suppression_code_of(action: str, reasons: Sequence[str]) -> str | None:
+    """``suppression_code`` of a decision read back from the audit topic (its action and reasons).
+
+    >>> suppression_code_of("suppress", ["eligible:clicks>=3", "explore:0.3", "suppress:min_gap"])
+    'min_gap'
+    >>> suppression_code_of("push", ["eligible:clicks>=3", "score>=0.08"]) is None
+    True
+    """
+    if action != "suppress":
         return None
-    reason = next((r for r in reversed(decision.reasons) if r.startswith("suppress:")), "suppress:")[9:]
+    reason = next((r for r in reversed(reasons) if r.startswith("suppress:")), "suppress:")[9:]
     if reason.startswith("score<"):
         return "below_threshold"
     return next((c for c in SUPPRESSION_CODES if reason.startswith(c)), "other")

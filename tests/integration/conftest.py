@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_app.demo import stop_process
 from stream_app.kafka_local import BrokerError, LocalKafka, kafka_version, metadata_round_trip
 from stream_app.settings import Settings
 
@@ -101,13 +101,7 @@ def running_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(45)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def wait_until(cond, timeout: float, proc: subprocess.Popen, log: Path, what: str) -> float:

@@ -1,11 +1,15 @@
-"""docker-compose.yml cannot run here (no Docker engine): check what can be checked without one."""
+"""docker-compose.yml cannot run here (no Docker engine): check what can be checked without one, including a load
+by compose-go, the library `docker compose` itself uses (deploy/compose-check)."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from stream_app.cli import main
@@ -91,3 +95,58 @@ def test_published_ports_bind_loopback_only():
     for svc in SERVICES.values():
         for mapping in svc.get("ports", []):
             assert mapping.startswith("127.0.0.1:"), mapping
+
+
+@pytest.fixture(scope="module")
+def compose_check(tmp_path_factory) -> Path:
+    """deploy/compose-check built with Go: compose-go, the library `docker compose` loads files with (schema
+    validation, interpolation, normalisation, reference checks), without a Docker engine. `docker compose
+    config` itself needs the compose CLI plugin, which the Docker client of this machine kind lacks."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("needs Go to build deploy/compose-check (compose-go from the Go module proxy)")
+    out = tmp_path_factory.mktemp("bin") / "compose-check"
+    built = subprocess.run([go, "build", "-o", str(out), "."], cwd=ROOT / "deploy" / "compose-check",
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+def _load(compose_check: Path, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(compose_check), str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_compose_file_loads_as_docker_compose_loads_it(compose_check):
+    out = _load(compose_check, ROOT / "docker-compose.yml")
+    assert out.returncode == 0, out.stderr
+    model = yaml.safe_load(out.stdout)
+    services = model["services"]
+    assert set(services) == set(SERVICES)
+    assert services["worker"]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert services["worker"]["healthcheck"]["test"][0] == "CMD"
+    assert services["worker"]["stop_grace_period"] == "45s"
+    mounts = [v for svc in services.values() for v in svc.get("volumes", [])]
+    assert {m["type"] for m in mounts} == {"bind"} and all(m["read_only"] for m in mounts)
+    for m in mounts:
+        assert (ROOT / m["source"]).exists(), m["source"]
+    assert (ROOT / "deploy/grafana/dashboards/stream_app.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        ("    healthcheck:  # the image", "    healthchek:  # the image", "healthchek"),
+        ("depends_on: [worker]", "depends_on: [workr]", 'undefined service "workr"'),
+        ("      retries: 30", "      retries: lots", "retries"),
+        ('      - "127.0.0.1:6066:6066"', '      - "127.0.0.1:6066:6066:1"', "Invalid ip address"),
+    ],
+)
+def test_compose_check_rejects_what_compose_rejects(compose_check, tmp_path, old, new, error):
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert old in text
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(text.replace(old, new))
+    (tmp_path / "deploy").symlink_to(ROOT / "deploy")  # the same relative paths as the real file
+    out = _load(compose_check, bad)
+    assert out.returncode == 1 and error in out.stderr, out.stderr
