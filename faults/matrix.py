@@ -198,8 +198,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default=None, help="results file stem: faults-<name> (default fast or full)")
     p.add_argument("--keep-logs", action="store_true", help="keep workers' logs (their directory is printed)")
-    p.add_argument("--keep-failed", action="store_true",
-                   help="keep a failed run's topics and leave the local broker running (for a post-mortem)")
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="keep a failed run's topics and leave the local broker running (for a post-mortem)",
+    )
     return p.parse_args(argv)
 
 

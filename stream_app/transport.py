@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
 from faust.sensors.prometheus import PrometheusMonitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from aiokafka import TopicPartition
 from faust.types import TP
 
 from stream_app.ordering import EventTimeMerge
@@ -381,12 +381,12 @@ class Consumer(faust_aiokafka.Consumer):
         noting where each partition's fetching starts (``note_first_after_seek``)."""
         committed = await self.seek_to_committed()
         found = {tp: o if o else None for tp, o in committed.items()}
-        if fresh := [TopicPartition(tp.topic, tp.partition) for tp, o in found.items() if o is None]:
-            # aiokafka seeks only to a committed offset above 0 and leaves these where they are: after records
-            # Faust dropped (fetched while the flow was stopped, e.g. at a rebalance) that skipped them for
-            # good: a partition's first payment was lost at a handover (3 of 7 rolling-restart and SIGSTOP runs)
-            if self.app.conf.consumer_auto_offset_reset == "earliest":
-                await self._thread.seek_to_beginning(*fresh)
+        # aiokafka seeks only to a committed offset above 0 and leaves the others where they are: after records
+        # Faust dropped (fetched while the flow was stopped, e.g. at a rebalance) that skipped them for good:
+        # a partition's first payment was lost at a handover (3 of 7 rolling-restart and SIGSTOP runs)
+        fresh = [TopicPartition(tp.topic, tp.partition) for tp, o in found.items() if o is None]
+        if fresh and self.app.conf.consumer_auto_offset_reset == "earliest":
+            await self._thread.seek_to_beginning(*fresh)
         self._read_offset.update(found)
         self._committed_offset.update({tp: o for tp, o in found.items() if o is not None})
         self.seek_starts.clear()  # in place: the drain loop holds this dict
