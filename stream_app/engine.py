@@ -35,7 +35,7 @@ from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers, partition_for
 from stream_app.core.trainer import SEGMENTS_KEY, Trainer, check_params, parse_model_input
-from stream_app.core.uplift import SegmentUplift
+from stream_app.core.uplift import UpliftScorer
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 from stream_app.wire import (
@@ -111,8 +111,10 @@ class ModelStore:
                 self.current = Models(SegmentModel.from_params(params), cur.scorers, cur.controls, cur.uplifts)
         elif key.startswith("uplift:"):
             old_uplift = cur.uplifts.get(params["campaign"])
+            if params.get("kind") != "uplift_learner":
+                return  # an older trainer's per-segment counts: this worker scores with the uplift learner only
             if old_uplift is None or params["version"] > old_uplift.version:
-                uplifts = {**cur.uplifts, params["campaign"]: SegmentUplift.from_params(params)}
+                uplifts = {**cur.uplifts, params["campaign"]: UpliftScorer.from_params(params)}
                 self.current = Models(cur.segments, cur.scorers, cur.controls, uplifts)
         elif key.startswith(("propensity:", "control:")):
             control = key.startswith("control:")

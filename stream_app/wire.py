@@ -128,6 +128,7 @@ def label_record(label: Label) -> bytes:
             "segment": label.segment,
             "decided_at_ms": label.decided_at_ms,
             "labelled_at_ms": label.labelled_at_ms,
+            "attributed": label.attributed,
         }
     )
 

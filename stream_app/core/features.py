@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from functools import lru_cache
 
 from stream_app.core.profile import DAY_MS, DEFAULT_PARAMS, HOUR_MS, Profile, ProfileParams, local_hour
@@ -22,7 +23,15 @@ FEATURE_NAMES: tuple[str, ...] = (
     "pushes_24h", "log_hours_since_push",
     "hour_sin", "hour_cos", "active_hour_share",
     "top_category_share", "log_days_known",
+    # fatigue and the user's own response to pushes (holdout decisions count as virtual pushes: both arms alike)
+    "pushes_7d", "log_pushes", "log_push_clicks", "push_click_rate", "log_hours_since_push_click",
+    # when, and what kind of buyer
+    "weekend", "log_payments_30d", "like_share",
 )  # fmt: skip
+WEEK_MS = 7 * DAY_MS
+# features that differ between pushed and holdout users by construction (a holdout user never clicks a push):
+# the uplift model's transformed-outcome part must not use them (see core/uplift.py)
+PUSH_RESPONSE_FEATURES = ("log_push_clicks", "push_click_rate", "log_hours_since_push_click")
 INDEX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 NEVER_HOURS = 24 * 365.0  # recency of something that never happened: a year, not infinity
 
@@ -69,7 +78,36 @@ def extract_features(profile: Profile, now_ms: int, params: ProfileParams | None
         hours[hour] / total_hours if total_hours else 0.0,
         max(categories.values()) / total_cat if total_cat else 0.0,
         math.log1p(max(now_ms - profile.first_ms, 0) / DAY_MS),
+        float(profile.pushes_in_window(now_ms, WEEK_MS)),
+        math.log1p(profile.n_pushes),
+        math.log1p(profile.push_clicks),
+        profile.push_clicks / (profile.n_pushes + 1),
+        _log_hours(now_ms, profile.last_push_click_ms),
+        1.0 if _local_weekday(now_ms, profile.tz_offset_min) >= 5 else 0.0,
+        math.log1p(payments * 30 / max((now_ms - profile.first_ms) / DAY_MS, 1.0)),
+        likes / (clicks + likes) if clicks + likes else 0.0,
     ]
+
+
+def feature_dict(features: Sequence[float], segment: int) -> dict[str, float]:
+    """The named features and the user's segment (one-hot), as the uplift learner reads them.
+
+    >>> d = feature_dict([0.0] * len(FEATURE_NAMES), 3)
+    >>> d["segment_3"], len(d) == len(FEATURE_NAMES) + 1
+    (1.0, True)
+    """
+    out = dict(zip(FEATURE_NAMES, features, strict=True))
+    out[f"segment_{segment}"] = 1.0
+    return out
+
+
+def _local_weekday(ts_ms: int, tz_offset_min: int | None) -> int:
+    """Monday 0 .. Sunday 6 in the user's local time (1970-01-01 was a Thursday).
+
+    >>> _local_weekday(0, None), _local_weekday(2 * DAY_MS, 0), _local_weekday(2 * DAY_MS - HOUR_MS, 60)
+    (3, 5, 5)
+    """
+    return ((ts_ms + (tz_offset_min or 0) * 60_000) // DAY_MS + 3) % 7
 
 
 CATEGORY_BUCKETS = 32

@@ -36,7 +36,7 @@ from stream_app.core.policy import (
 from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.uplift import SegmentUplift
+from stream_app.core.uplift import UpliftScorer
 
 
 @dataclass(frozen=True)
@@ -72,19 +72,20 @@ class Models:
 
     segments: SegmentModel
     scorers: dict[str, PropensityScorer]  # by campaign: P(convert | pushed) (all labels in propensity mode)
-    controls: dict[str, PropensityScorer] = field(default_factory=dict)  # uplift campaigns: P(convert | not)
-    uplifts: dict[str, SegmentUplift] = field(default_factory=dict)  # uplift campaigns: uplift by segment
+    controls: dict[str, PropensityScorer] = field(default_factory=dict)  # unused since the uplift learner (kept
+    # for workers that still receive an old trainer's control:<campaign> versions)
+    uplifts: dict[str, UpliftScorer] = field(default_factory=dict)  # uplift campaigns: the uplift model
 
     def scorer(self, campaign: Campaign) -> PropensityScorer:
         s = self.scorers.get(campaign.name)
         return s if s is not None else PropensityScorer.cold(campaign.name, campaign.prior, campaign.min_labels)
 
-    def control(self, campaign: Campaign) -> PropensityScorer | None:
-        """The no-push model of an uplift campaign (cold until published); None in propensity mode."""
+    def uplift(self, campaign: Campaign) -> UpliftScorer | None:
+        """The uplift model of an uplift campaign (cold until published); None in propensity mode."""
         if campaign.mode != "uplift":
             return None
-        s = self.controls.get(campaign.name)
-        return s if s is not None else PropensityScorer.cold(campaign.name, campaign.prior, campaign.min_labels)
+        s = self.uplifts.get(campaign.name)
+        return s if s is not None else UpliftScorer.cold(campaign.name, campaign.min_labels)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Label:
     segment: int
     decided_at_ms: int
     labelled_at_ms: int  # event time of the outcome, or of the window's close
+    attributed: bool = False  # converted through the push: a click carrying its push_id came first
 
     @property
     def delay_ms(self) -> int:
@@ -318,8 +320,7 @@ def _decide(state: UserState, campaigns: Sequence[Campaign], features: list[floa
             segment=segment,
             campaign=c,
             scorer=models.scorer(c),
-            control=models.control(c),
-            uplift=models.uplifts.get(c.name) if c.mode == "uplift" else None,
+            uplift=models.uplift(c),
             guardrails=config.guardrails,
             trigger_id=trigger,
             now_ms=now,
@@ -350,7 +351,7 @@ def _close_windows(state: UserState, now: int, out: Outputs, event: Event | None
             and (event.type == "payment" or event.push_id == p.decision_id)
         )
         if converts:
-            out.labels.append(_label(p, True, event.ts_ms))
+            out.labels.append(_label(p, True, event.ts_ms, event.push_id == p.decision_id))
         elif now > p.closes_at_ms:
             out.labels.append(_label(p, False, p.closes_at_ms))
         else:
@@ -358,6 +359,6 @@ def _close_windows(state: UserState, now: int, out: Outputs, event: Event | None
     state.pending = keep
 
 
-def _label(p: Pending, converted: bool, at: int) -> Label:
+def _label(p: Pending, converted: bool, at: int, attributed: bool = False) -> Label:
     return Label(p.decision_id, p.campaign, p.action, converted, p.features, p.model_version, p.probability,
-                 p.segment, p.decided_at_ms, at)  # fmt: skip
+                 p.segment, p.decided_at_ms, at, attributed)  # fmt: skip

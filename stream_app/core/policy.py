@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from stream_app.core.features import INDEX
+from stream_app.core.features import INDEX, feature_dict
 from stream_app.core.profile import HOUR_MS, Profile, copy_profile, local_hour
 from stream_app.core.propensity import PropensityScorer
-from stream_app.core.uplift import SegmentUplift
+from stream_app.core.uplift import UpliftScorer
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
@@ -158,23 +158,6 @@ def ineligibility(campaign: Campaign, features: Sequence[float], segment: int) -
     return None
 
 
-WITHIN_SEGMENT = 0.001  # weight of the two-model difference next to the segment's uplift: a tie-breaker
-
-
-def uplift_score(counts: SegmentUplift, segment: int, difference: float) -> float:
-    """The uplift-mode score: the segment's measured uplift, the models' ``difference`` (treated minus control)
-    ordering users within it; the difference alone until the campaign has labels.
-
-    >>> counts = SegmentUplift("c", arms={"1": [900, 90, 100, 5], "2": [900, 45, 100, 5]})
-    >>> round(uplift_score(counts, 1, 0.2), 4), round(uplift_score(counts, 2, 0.2), 4)
-    (0.0457, 0.0047)
-    >>> uplift_score(SegmentUplift("c"), 1, 0.2)  # no labels yet
-    0.2
-    """
-    score = counts.predict_one(segment) + WITHIN_SEGMENT * difference if counts.n_labels else difference
-    return min(max(score, -1.0), 1.0)
-
-
 def decide(
     *,
     user_id: str,
@@ -187,33 +170,27 @@ def decide(
     trigger_id: str,
     now_ms: int,
     opted_out: bool = False,
-    control: PropensityScorer | None = None,
-    uplift: SegmentUplift | None = None,
+    uplift: UpliftScorer | None = None,
 ) -> Decision:
     """One campaign's decision for one user and trigger; the caller has checked ``ineligibility``.
 
-    In uplift mode (``control`` given) the score is the estimated uplift: the user's segment's measured
-    uplift (``uplift``, pushed minus holdout conversion rate, see ``core/uplift.py``) plus a small share
-    (``WITHIN_SEGMENT``) of P(convert | push) from the treated model minus P(convert | no push) from the
-    control model, which orders users within a segment; the models alone before any label has been counted.
-    It targets once both models are warm. The control model learns only holdout labels (about a tenth of the
-    pushes') and needs ``min_labels`` of them: 13 simulated days instead of 2. Targeting sooner on the
-    per-segment counts (shrunk, they are defined from the first holdout label) measured no better
-    (``stream-app evaluate``, seeds 1-3: 1.01 x random's incremental conversions per push, 1.04 x waiting).
+    In uplift mode (``uplift`` given) the score is the estimated uplift of pushing now (``core/uplift.py``: the
+    attributed response learned from pushed labels plus the transformed-outcome residual learned from pushed and
+    holdout labels) on the features and the user's segment; it targets once the model has ``min_labels`` pushed
+    labels, and the decision records the uplift model's version.
     """
     did = decision_id(campaign.name, user_id, trigger_id)
-    score = scorer.predict_one(features)
-    warm = scorer.is_warm
-    if control is not None:
-        score -= control.predict_one(features)
-        warm = warm and control.is_warm
-        if uplift is not None:
-            score = uplift_score(uplift, segment, score)
+    if uplift is not None:
+        score = min(max(uplift.predict_uplift_one(feature_dict(features, segment)), -1.0), 1.0)
+        warm, version, n_labels = uplift.is_warm, uplift.version, uplift.n_treated
+    else:
+        score = scorer.predict_one(features)
+        warm, version, n_labels = scorer.is_warm, scorer.version, scorer.n_labels
     reasons: list[str] = []
 
     def out(action: str, probability: float, send_at: int | None = None) -> Decision:
         expires = None if send_at is None else send_at + guardrails.decision_ttl_ms
-        return Decision(did, user_id, campaign.name, action, round(score, 6), segment, scorer.version,
+        return Decision(did, user_id, campaign.name, action, round(score, 6), segment, version,
                         round(probability, 6), now_ms, send_at, expires, trigger_id, tuple(reasons),
                         tuple(scorer.contributions(features)), tuple(features))  # fmt: skip
 
@@ -224,7 +201,6 @@ def decide(
 
     explore = campaign.exploration_share
     if not warm:
-        n_labels = scorer.n_labels if control is None else min(scorer.n_labels, control.n_labels)
         reasons.append(f"cold_start:{n_labels}_labels")
         explore = max(explore, campaign.cold_start_share)  # labels come only from pushes and holdouts
     if score >= campaign.threshold and warm:
@@ -318,4 +294,5 @@ def record_push(profile: Profile, decision: Decision, max_kept: int = 16) -> Pro
     at = decision.send_at_ms or decision.decided_at_ms
     p.last_push_ms = {**p.last_push_ms, decision.campaign: at}
     p.push_times = [*p.push_times, at][-max_kept:]
+    p.n_pushes += 1
     return p

@@ -56,6 +56,9 @@ class Profile:
     last_push_ms: dict[str, int] = field(default_factory=dict)
     push_times: list[int] = field(default_factory=list)
     last_outcome: list[Any] | None = None  # [campaign, decision time ms, converted]
+    n_pushes: int = 0  # pushes decided for the user (holdouts included: virtual pushes), ever
+    push_clicks: int = 0  # clicks carrying a push_id: the user's own response to pushes
+    last_push_click_ms: int = -1
 
     # -- derived views (what features read) ----------------------------------------------------
     def decayed(self, value: float, half_life_ms: int, now_ms: int) -> float:
@@ -80,6 +83,7 @@ class Profile:
             "sd": round(self.spend_decayed, 2), "cat": {k: _r4(v) for k, v in self.categories.items()},
             "h": _r4_all(self.hours), "tz": self.tz_offset_min, "s": self.seen,
             "lp": self.last_push_ms, "pt": self.push_times, "lo": self.last_outcome,
+            "np": self.n_pushes, "pc": self.push_clicks, "lpc": self.last_push_click_ms,
         }  # fmt: skip
 
     @classmethod
@@ -89,6 +93,7 @@ class Profile:
             first_ms=d["f"], last_ms=d["l"], counts=d["c"], last_type_ms=d["lt"], rate_short=d["rs"],
             rate_long=d["rl"], spend_total=d["st"], spend_decayed=d["sd"], categories=d["cat"], hours=d["h"],
             tz_offset_min=d["tz"], seen=d["s"], last_push_ms=d["lp"], push_times=d["pt"], last_outcome=d["lo"],
+            n_pushes=d.get("np", len(d["pt"])), push_clicks=d.get("pc", 0), last_push_click_ms=d.get("lpc", -1),
         )  # fmt: skip
 
 
@@ -164,6 +169,9 @@ def update_profile(
     i = TYPE_INDEX[event.type]
     p.counts[i] += 1
     p.last_type_ms[i] = max(p.last_type_ms[i], t)
+    if event.push_id is not None and event.type == "click":  # a response to one of our pushes
+        p.push_clicks += 1
+        p.last_push_click_ms = max(p.last_push_click_ms, t)
     p.rate_short += w_short
     p.rate_long += w_long
     if event.type == "payment" and event.amount is not None:
@@ -202,4 +210,5 @@ def copy_profile(p: Profile) -> Profile:
         rate_short=p.rate_short, rate_long=p.rate_long, spend_total=p.spend_total, spend_decayed=p.spend_decayed,
         categories=dict(p.categories), hours=list(p.hours), tz_offset_min=p.tz_offset_min, seen=p.seen,
         last_push_ms=dict(p.last_push_ms), push_times=list(p.push_times), last_outcome=p.last_outcome,
+        n_pushes=p.n_pushes, push_clicks=p.push_clicks, last_push_click_ms=p.last_push_click_ms,
     )  # fmt: skip

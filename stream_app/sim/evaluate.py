@@ -205,32 +205,111 @@ def _by_user(users: np.ndarray, converted: np.ndarray) -> np.ndarray:
     return np.column_stack([conv, np.bincount(inv, minlength=len(ids)).astype(float)])
 
 
+def headroom(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Per learned policy: the share of the oracle's headroom over random, ``(policy - random) / (oracle -
+    random)`` in incremental conversions per 1,000 pushes, and its difference to random per seed, with 95%
+    intervals from a paired bootstrap over users (the same users on a seed, in every policy's run)."""
+    none = {r.seed: r for r in results if r.policy == "none"}
+    by = {(r.policy, r.seed): r for r in results}
+    seeds = [sd for sd in sorted(none) if all((p, sd) in by for p in LEARNED)]
+    if not seeds:
+        return {}
+    idx = {p: i for i, p in enumerate(LEARNED)}
+    groups = [np.column_stack([c for p in LEARNED for c in (by[(p, sd)].payments - none[sd].payments,
+                                                              by[(p, sd)].pushes)]).astype(float)
+              for sd in seeds]  # fmt: skip
+
+    def inc(gs: list[np.ndarray], p: str) -> float:
+        i = 2 * idx[p]
+        pushes = sum(g[:, i + 1].sum() for g in gs)
+        return 1000 * sum(g[:, i].sum() for g in gs) / pushes if pushes else math.nan
+
+    out: dict[str, dict[str, Any]] = {}
+    for p in ("propensity", "uplift"):
+
+        def share(gs: list[np.ndarray], p: str = p) -> float:
+            r, o = inc(gs, "random"), inc(gs, "oracle")
+            return (inc(gs, p) - r) / (o - r) if o != r else math.nan
+
+        def diff(gs: list[np.ndarray], p: str = p) -> float:
+            return inc(gs, p) - inc(gs, "random")
+
+        out[p] = {"share": share(groups), "share_ci": bootstrap_ci(groups, share, cfg.bootstrap),
+                  "diff_by_seed": [diff([g]) for g in groups],
+                  "diff_ci_by_seed": [bootstrap_ci([g], diff, cfg.bootstrap) for g in groups],
+                  "seeds": seeds}  # fmt: skip
+    up_minus_prop = lambda gs: inc(gs, "uplift") - inc(gs, "propensity")  # noqa: E731
+    out["uplift"]["minus_propensity"] = up_minus_prop(groups)
+    out["uplift"]["minus_propensity_ci"] = bootstrap_ci(groups, up_minus_prop, cfg.bootstrap)
+    return out
+
+
+def off_policy(results: list[RunResult], cfg: EvalConfig) -> list[dict[str, Any]]:
+    """``core/ope.py`` validated against the truth: from the random policy's log (its labelled pushes and
+    holdouts), the IPS and doubly robust estimates of target policies' value and uplift per push, next to the
+    true values (the simulator's P(convert | push) and P(convert | no push) of each logged decision)."""
+    from stream_app.core.features import feature_dict
+    from stream_app.core.ope import LoggedDecision, evaluate_policy
+    from stream_app.core.trainer import uplift_key
+    from stream_app.core.uplift import UpliftScorer
+    from stream_app.sim.loop import CAMPAIGN, eval_campaign
+
+    e = 1 - eval_campaign(cfg.push_rate).holdout_share
+    logs = {r.seed: r for r in results if r.policy == "random" and len(r.labels.get("converted", []))}
+    models = {r.seed: r.final_params.get(uplift_key(CAMPAIGN)) for r in results if r.policy == "uplift"}
+    seeds = sorted(logs)
+    out = []
+    for i, sd in enumerate(seeds):
+        lab = logs[sd].labels
+        day = (lab["decided_at_ms"] - lab["decided_at_ms"].min()) // DAY_MS
+        keep = np.flatnonzero(day < cfg.days - 1)  # the last day's windows close after the run
+        log = [LoggedDecision(str(lab["user"][j]), bool(lab["pushed"][j]), bool(lab["converted"][j]), e,
+                              feature_dict(lab["features"][j], int(lab["segment"][j]))) for j in keep]  # fmt: skip
+        p1, p0 = lab["p_push"][keep], lab["p_no"][keep]
+        others = [models.get(t) for t in seeds[i + 1 :] + seeds[: i + 1]]  # another seed's model first
+        params = next((m for m in others if m), None)
+        policies: dict[str, Any] = {"push every logged decision": lambda x: 1.0}
+        if params:
+            scorer = UpliftScorer.from_params(params)
+            cut = float(np.median([scorer.predict_uplift_one(d.x) for d in log]))
+            policies["uplift model, top half"] = lambda x, s=scorer, c=cut: float(s.predict_uplift_one(x) >= c)
+            policies["uplift model, bottom half"] = lambda x, s=scorer, c=cut: float(s.predict_uplift_one(x) < c)
+        for name, policy in policies.items():
+            est = evaluate_policy(log, policy, reps=max(cfg.bootstrap // 2, 100))
+            pi = np.array([policy(d.x) for d in log])
+            true_value = float(np.mean(pi * p1 + (1 - pi) * p0))
+            true_uplift = float(np.sum(pi * (p1 - p0)) / np.sum(pi)) if pi.sum() else math.nan
+            out.append({"seed": sd, "policy": name, **est, "true_value": true_value,
+                        "true_uplift_per_push": true_uplift})  # fmt: skip
+    return out
+
+
 def validate_phishing() -> dict[str, Any]:
     """Progressive validation of ``PropensityLearner`` on River's bundled Phishing dataset (no download)."""
     from river import base, datasets, evaluate, linear_model, metrics, optim, preprocessing
 
-    from stream_app.core.features import FEATURE_NAMES
     from stream_app.core.propensity import PropensityLearner, PropensityScorer
 
+    def _scorer(params: dict) -> PropensityScorer:
+        return PropensityScorer.from_params(params, features=tuple(params["features"]))
+
     class Adapter(base.Classifier):
-        """The product's learner behind River's classifier API. The dataset's 9 features fill the first 9 of
-        the 18 slots; the others stay 0 (zero variance: the learner's scaler leaves them out of the score)."""
+        """The product's learner behind River's classifier API: its own dict API, its defaults; scored through the
+        scorer the workers use (the snapshot of ``to_params``, on the dataset's 9 features in a fixed order)."""
 
         def __init__(self) -> None:
-            self.learner = PropensityLearner("phishing", prior=0.5, min_labels=1)
-            self.names: list[str] = []
-
-        def _vec(self, x: dict) -> list[float]:
-            if not self.names:
-                self.names = sorted(x)
-            v = [float(x.get(n, 0.0)) for n in self.names]
-            return v + [0.0] * (len(FEATURE_NAMES) - len(v))
+            self.learner: PropensityLearner | None = None
 
         def learn_one(self, x: dict, y: bool) -> None:
-            self.learner.learn_one(self._vec(x), bool(y))
+            if self.learner is None:
+                self.learner = PropensityLearner("phishing", features=sorted(x))
+            self.learner.learn_one({k: float(v) for k, v in x.items()}, bool(y))
 
         def predict_proba_one(self, x: dict) -> dict[bool, float]:
-            p = PropensityScorer.from_params(self.learner.to_params()).predict_one(self._vec(x))
+            if self.learner is None:
+                return {True: 0.5, False: 0.5}
+            params = self.learner.to_params(with_covariance=False)
+            p = _scorer(params).predict_one([float(x.get(n, 0.0)) for n in params["features"]])
             return {True: p, False: 1 - p}
 
     def score(model: base.Classifier) -> dict[str, float]:
@@ -254,6 +333,8 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> dict[str, Any]:
         "model": model_quality(results, cfg),
         "segments": segment_recovery(results),
         "holdout": holdout_uplift(results, cfg),
+        "headroom": headroom(results, cfg),
+        "ope": off_policy(results, cfg),
         "phishing": validate_phishing(),
         "runs": [
             {"policy": r.policy, "seed": r.seed, "events": r.events, "seconds": round(r.seconds, 1), "counts": r.counts}
@@ -270,35 +351,76 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> dict[str, Any]:
     return summary
 
 
+PREVIOUS = {  # the committed report before issue 18 (same command, 1,500 users x 28 days, seeds 1, 2, 3)
+    "incremental_per_1000": {"random": 26.6, "propensity": 27.7, "uplift": 27.5, "oracle": 48.8},
+    "incremental_per_1000_ci": {"random": (22.5, 30.5), "propensity": (23.7, 32.0), "uplift": (23.0, 32.0),
+                                "oracle": (45.1, 52.3)},
+    "share": {"propensity": 0.05, "uplift": 0.04},
+    "score_vs_true_uplift": {"random": 0.015, "propensity": 0.158, "uplift": 0.092, "oracle": 0.990},
+    "opt_outs_per_1000_users": {"random": 49.6, "propensity": 43.6, "uplift": 40.0, "oracle": 28.4},
+    "expected_per_1000": {"random": 37.3, "propensity": 37.4, "uplift": 38.8, "oracle": 49.5},
+    "auc": 0.692, "bayes_auc": 0.798, "auc_ratio": 0.867, "top_decile": (0.3146, 0.2775),
+}  # fmt: skip
+
+
+def same_setup_as_previous(c: dict[str, Any]) -> bool:
+    return c["users"] == 1500 and c["days"] == 28 and tuple(c["seeds"]) == (1, 2, 3) and c["push_rate"] == 0.05
+
+
 def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
-    v, m, seg, h = s["volume"], s["model"], s["segments"], s["holdout"]
-    up, rnd, prop = (v.get(p, {}).get("incremental_per_1000", math.nan) for p in ("uplift", "random", "propensity"))
-    ratio = up / rnd if rnd and rnd > 0 else math.nan
-    ari = seg.get("ari_final", (math.nan,))[0]
+    v, m, seg, h, hr = s["volume"], s["model"], s["segments"], s["holdout"], s["headroom"]
+    inc = {p: v.get(p, {}).get("incremental_per_1000", math.nan) for p in LEARNED}
+    ci = {p: v.get(p, {}).get("incremental_per_1000_ci", (math.nan, math.nan)) for p in LEARNED}
+    up = hr.get("uplift", {})
+    share, share_ci = up.get("share", math.nan), up.get("share_ci", (math.nan, math.nan))
+    diffs, dcis = up.get("diff_by_seed", []), up.get("diff_ci_by_seed", [])
     auc_ratio = m.get("auc_ratio", math.nan)
+    top = m.get("calibration", [{}])[-1] if m.get("calibration") else {}
+    top_err = top.get("predicted", math.nan) / top.get("observed", math.nan) - 1 if top.get("observed") else math.nan
     opt_up, opt_rnd = (v.get(p, {}).get("opt_outs_per_1000_users", math.nan) for p in ("uplift", "random"))
-    hu = h.get("uplift", {})
+    ari = seg.get("ari_final", (math.nan,))[0]
     return [
-        {"target": "propensity ROC AUC >= 0.95 x Bayes-optimal AUC after warm-up",
+        {"target": "uplift policy: headroom share (uplift - random) / (oracle - random) >= 0.5",
+         "measured": f"{share:.2f} {_ci(share_ci, 2)}", "met": bool(share >= 0.5), "previous": "0.04"},
+        {"target": "uplift - random incremental conversions / 1,000 pushes: 95% CI excludes 0 on every seed",
+         "measured": "; ".join(f"seed {sd}: {d:+.1f} {_ci(c)}" for sd, d, c in zip(up.get("seeds", []), diffs, dcis,
+                                                                                       strict=False)),
+         "met": bool(dcis) and all(c[0] > 0 for c in dcis), "previous": "+0.9 pooled (27.5 vs 26.6)"},
+        {"target": "uplift above propensity, non-overlapping 95% intervals",
+         "measured": f"{inc['uplift']:.1f} {_ci(ci['uplift'])} vs {inc['propensity']:.1f} {_ci(ci['propensity'])}; "
+                     f"paired difference {up.get('minus_propensity', math.nan):+.1f} "
+                     f"{_ci(up.get('minus_propensity_ci', (math.nan, math.nan)))}",
+         "met": bool(ci["uplift"][0] > ci["propensity"][1]), "previous": "27.5 vs 27.7"},
+        {"target": "uplift opt-outs per 1,000 users no more than random's",
+         "measured": f"{opt_up:.1f} vs {opt_rnd:.1f}",
+         "met": bool(opt_up <= opt_rnd), "previous": "40.0 vs 49.6"},
+        {"target": "propensity ROC AUC >= 0.93 x Bayes-optimal after warm-up",
          "measured": f"{m.get('auc', math.nan):.3f} / {m.get('bayes_auc', math.nan):.3f} = {auc_ratio:.3f} x",
-         "met": bool(auc_ratio >= 0.95)},
+         "met": bool(auc_ratio >= 0.93), "previous": "0.692 / 0.798 = 0.867 x"},
+        {"target": "propensity calibrated: top decile predicted within 10% of observed",
+         "measured": f"{top.get('predicted', math.nan):.3f} predicted vs {top.get('observed', math.nan):.3f} observed "
+                     f"({100 * top_err:+.0f}%)", "met": bool(abs(top_err) <= 0.10),
+         "previous": "0.315 vs 0.277 (+13%)"},
+        {"target": "holdout uplift 95% CI contains the true uplift, every policy",
+         "measured": ", ".join(f"{p} {'yes' if r['contains'] else 'NO'}" for p, r in h.items()),
+         "met": bool(h) and all(r["contains"] for r in h.values()), "previous": "yes (all four)"},
+        {"target": "off-policy estimates (IPS, DR) 95% CI contain the true value",
+         "measured": _ope_summary(s["ope"]), "met": bool(s["ope"]) and all(_ope_ok(r) for r in s["ope"]),
+         "previous": "(new)"},
         {"target": "segment recovery ARI >= 0.7", "measured": f"ARI {ari:.3f} (final day, mean of seeds)",
-         "met": bool(ari >= 0.7)},
-        {"target": "uplift >= 2 x random incremental conversions per 1,000 pushes",
-         "measured": f"{up:.1f} vs {rnd:.1f} per 1,000 pushes = {ratio:.2f} x", "met": bool(ratio >= 2)},
-        {"target": "uplift above propensity targeting", "measured": f"{up:.1f} vs {prop:.1f} per 1,000 pushes",
-         "met": bool(up > prop)},
-        {"target": "uplift opt-outs no more than random", "measured": f"{opt_up:.1f} vs {opt_rnd:.1f} per 1,000 users",
-         "met": bool(opt_up <= opt_rnd)},
-        {"target": "holdout uplift 95% CI contains the true uplift (uplift policy)",
-         "measured": f"estimate {_est(hu)}; true {hu.get('true_uplift', math.nan):+.4f}",
-         "met": bool(hu.get("contains", False))},
+         "met": bool(ari >= 0.7), "previous": "0.987"},
     ]  # fmt: skip
 
 
-def _est(r: dict[str, Any]) -> str:
-    ci = r.get("ci", (math.nan, math.nan))
-    return f"{r.get('estimate', math.nan):+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+def _ope_ok(r: dict[str, Any]) -> bool:
+    """Whether all four intervals (IPS and DR, value and uplift per push) contain the truth."""
+    truth = {"ips": "true_value", "dr": "true_value", "ips_uplift_per_push": "true_uplift_per_push",
+             "dr_uplift_per_push": "true_uplift_per_push"}  # fmt: skip
+    return all(r[f"{k}_ci"][0] <= r[t] <= r[f"{k}_ci"][1] for k, t in truth.items())
+
+
+def _ope_summary(rows: list[dict[str, Any]]) -> str:
+    return f"{sum(_ope_ok(r) for r in rows)} of {len(rows)} (policy, seed) pairs, all four estimates" if rows else "n/a"
 
 
 def _overlap(v: dict[str, Any], a: str, b: str) -> bool:
@@ -308,43 +430,39 @@ def _overlap(v: dict[str, Any], a: str, b: str) -> bool:
 
 def why(s: dict[str, Any]) -> list[str]:
     """Why each target was met or missed: the mechanism, with the numbers that show it."""
-    v, m, seg, h = s["volume"], s["model"], s["segments"], s["holdout"]
+    v, m = s["volume"], s["model"]
     t = [x["met"] for x in s["targets"]]
     rho = {p: v.get(p, {}).get("score_vs_true_uplift", math.nan) for p in LEARNED}
-    top = m.get("calibration", [{}])[-1] if m.get("calibration") else {}
-    stab = seg.get("stability_last_week", (math.nan,))[0]
-    prop = h.get("propensity", {})
-    vol = {p: v.get(p, {}).get("incremental_per_1000", math.nan) for p in ("random", "oracle")}
+    exp = {p: v.get(p, {}).get("true_uplift_per_1000", math.nan) for p in LEARNED}
+    top = (m.get("calibration") or [{}])[-1]
     return [
-        ("the linear model reaches it" if t[0] else
-         "a user's true rate comes from latent traits (type, a log-normal multiplier, the response class) that a "
-         "linear model on 18 profile features sees only through a few weeks of sparse behaviour (about one payment "
-         f"per user-month); it also over-predicts its top decile ({_f(top.get('predicted', math.nan), 3)} "
-         f"predicted, {_f(top.get('observed', math.nan), 3)} observed, {_f(top.get('true', math.nan), 3)} true)"),
-        (f"segments match the types (k-means on user traits; day-to-day stability ARI {_f(stab, 2)})" if t[1] else
-         "the segments (k-means on user traits) split or merge types; day-to-day stability of the assignment: "
-         f"ARI {_f(stab, 2)}"),
-        ("the learned uplift ranks persuadable users first" if t[2] else
-         "the uplift score (the segment's pushed-minus-holdout conversion rate, the treated-minus-control models "
-         "within a segment) rests on few holdout labels (10% holdout: about a tenth of the pushes' labels, split "
-         "over the segments), whose noise is as large as the differences between segments; its rank correlation "
-         f"with the true uplift is {_f(rho['uplift'], 3)} (random {_f(rho['random'], 3)}, oracle "
-         f"{_f(rho['oracle'], 3)}); even the oracle reaches {_f(vol['oracle'] / vol['random'], 2)} x random here"),
-        ("propensity targets likely buyers (sure things), whose pushes add little; rank correlation of its score "
-         f"with the true uplift {_f(rho['propensity'], 3)}" + (
-             "; but the 95% intervals overlap: the difference is not significant" if _overlap(v, "uplift", "propensity")
-             else "") if t[3] else
-         f"neither learned score tracks the true uplift (rank correlation: uplift {_f(rho['uplift'], 3)}, "
-         f"propensity {_f(rho['propensity'], 3)}), so their difference is noise"),
-        ("annoyed users' pushes are not favoured" if t[4] else
-         "the uplift score does not steer away from annoyed users better than chance"),
-        ("a holdout decision is a push withheld after every check a push passes, recorded as a virtual push "
-         "(spaced by the same cooldown and caps), so the two arms compare like with like" if t[5] else
-         "the would-push holdout group differs from the pushed one: holdout users are never pushed, so their "
-         "features (hours since push, pushes in 24 h) differ")
-        + (f"; the propensity policy's estimate misses ({_f(prop.get('estimate', math.nan), 4)} vs "
-           f"{_f(prop.get('true_uplift', math.nan), 4)}): its score uses the push-history features that differ "
-           "most between the arms" if prop and not prop.get("contains", True) else ""),
+        (f"the uplift learner ranks by P(a conversion through the push | features, segment), learned from every pushed "
+         f"label, plus a shrunk holdout correction; rank correlation with the true uplift {_f(rho['uplift'], 3)} "
+         f"(oracle {_f(rho['oracle'], 3)}); mean true uplift of its pushes {_f(exp['uplift'])} per 1,000 vs "
+         f"random {_f(exp['random'])}, oracle {_f(exp['oracle'])}"),
+        ("every seed's paired interval is above 0" if t[1] else
+         "a seed's paired interval (same users, both runs) reaches 0: per seed about 6,000 pushes, whose "
+         "incremental conversions carry an interval of about +-5 per 1,000"),
+        ("propensity targets likely buyers (sure things among them), the uplift learner the users a push moves"
+         if t[2] else f"rank correlation with the true uplift: uplift {_f(rho['uplift'], 3)}, propensity "
+         f"{_f(rho['propensity'], 3)}; propensity's users respond to pushes too (its score includes the push-response "
+         "features), so its intervals and the uplift policy's overlap"),
+        ("annoyed users (negative uplift) and fatigued users score low" if t[3] else
+         "the uplift policy pushes the users who respond again (48 h cooldown), and every push adds to the opt-out "
+         "probability (x (1 + pushes in 7 days)); annoyed users are not told apart from lost causes"),
+        ("the Bayesian logistic learner on the 26 features reaches it" if t[4] else
+         "the truth comes from latent traits (response class, a log-normal payment multiplier) that the features "
+         "show only through a few weeks of sparse behaviour; Bayesian logistic regression on 26 features "
+         "(push responses, fatigue, purchase rate) instead of SGD on 18 closed part of the gap"),
+        ("calibrated within 10%" if t[5] else
+         f"the top decile is mis-predicted ({_f(top.get('predicted', math.nan), 3)} vs "
+         f"{_f(top.get('observed', math.nan), 3)}): the posterior mean of a logistic model "
+         "learned in one pass is over-confident where labels are few"),
+        ("holdout decisions are virtual pushes (same checks, cooldown and caps): the arms compare like with like"
+         if t[6] else "see the holdout table: the pushed and holdout arms of some policy differ"),
+        ("the holdout is randomised with a known probability, so IPS and DR are unbiased on the labelled decisions"
+         if t[7] else "see the off-policy table: an interval misses the truth"),
+        "segments match the types (k-means on user traits)" if t[8] else "segments split or merge types",
     ]  # fmt: skip
 
 
@@ -458,11 +576,33 @@ def render(s: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | measured | met | why |",
-        "|---|---|---|---|",
+        'Issue 18\'s targets. "Previous": the committed report before issue 18 (same command and size).',
+        "",
+        "| target | measured | met | previous | why |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} | {w} |"
+    prev = same_setup_as_previous(c)
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} | "
+              f"{t['previous'] if prev else '-'} | {w} |"
               for t, w in zip(s["targets"], why(s), strict=True)]  # fmt: skip
+    hr = s["headroom"]
+    if hr:
+        lines += [
+            "",
+            "## Share of the oracle's headroom",
+            "",
+            "`(policy - random) / (oracle - random)` in incremental conversions per 1,000 pushes, pooled over seeds; "
+            "intervals from a paired bootstrap over users (the same users on a seed in every run). Per seed: the "
+            "policy's incremental conversions per 1,000 pushes minus random's, with its paired 95% interval.",
+            "",
+            "| policy | headroom share (95% CI) | previous | minus random, per seed (95% CI) |",
+            "|---|---|---|---|",
+        ]
+        for p, r in hr.items():
+            rows = zip(r["seeds"], r["diff_by_seed"], r["diff_ci_by_seed"], strict=True)
+            per_seed = "; ".join(f"seed {sd}: {d:+.1f} {_ci(ci)}" for sd, d, ci in rows)
+            lines.append(f"| {p} | {_f(r['share'], 2)} {_ci(r['share_ci'], 2)} | "
+                         f"{_f(PREVIOUS['share'][p], 2) if prev else '-'} | {per_seed} |")  # fmt: skip
     lines += [
         "",
         "## Policies at equal push volume",
@@ -474,10 +614,19 @@ def render(s: dict[str, Any]) -> str:
         'made, per 1,000. "Score vs true uplift" is the Spearman rank correlation, over the policy\'s decisions '
         "after warm-up, of its raw score (before ranking) with the decision's true uplift.",
         "",
-        "| policy | pushes / user | incremental / 1,000 pushes (95% CI) | per seed | expected / 1,000 | "
-        "conversions vs no pushes (95% CI) | opt-outs / 1,000 users (95% CI) | score vs true uplift |",
-        "|---|---|---|---|---|---|---|---|",
+        "| policy | pushes / user | incremental / 1,000 pushes (95% CI) | previous | per seed | expected / 1,000 "
+        "(previous) | conversions vs no pushes (95% CI) | opt-outs / 1,000 users (95% CI) (previous) | score vs true "
+        "uplift (previous) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    pv = PREVIOUS if prev else None
+
+    def was(key: str, p: str, digits: int = 1) -> str:
+        if pv is None or p not in pv[key]:
+            return "-"
+        x = pv[key][p]
+        return f"{_f(x[0], digits)}-{_f(x[1], digits)}" if isinstance(x, tuple) else _f(x, digits)
+
     for p in POLICIES:
         r = v.get(p)
         if r is None:
@@ -488,17 +637,22 @@ def render(s: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {p} | {r['pushes_per_user']:.2f} | {_f(r['incremental_per_1000'])} {_ci(r['incremental_per_1000_ci'])} "
-            f"| {', '.join(_f(x) for x in r['incremental_per_1000_by_seed'])} | {_f(r['true_uplift_per_1000'])} | "
+            f"| {was('incremental_per_1000', p)} {_ci(pv['incremental_per_1000_ci'][p]) if pv else ''} "
+            f"| {', '.join(_f(x) for x in r['incremental_per_1000_by_seed'])} | {_f(r['true_uplift_per_1000'])} "
+            f"({was('expected_per_1000', p)}) | "
             f"{100 * r['conversions_vs_none']:+.1f}% {_ci([100 * x for x in r['conversions_vs_none_ci']])} | "
-            f"{r['opt_outs_per_1000_users']:.1f} {_ci(r['opt_outs_per_1000_users_ci'])} | "
-            f"{_f(r['score_vs_true_uplift'], 3)} |"
+            f"{r['opt_outs_per_1000_users']:.1f} {_ci(r['opt_outs_per_1000_users_ci'])} "
+            f"({was('opt_outs_per_1000_users', p)}) | {_f(r['score_vs_true_uplift'], 3)} "
+            f"({was('score_vs_true_uplift', p, 3)}) |"
         )
     lines += ["", "![policies](policies.png)", ""]
     if m:
         lines += [
             "## Propensity model against the ground truth",
             "",
-            "The `propensity` policy's model (River logistic regression on all labels of the campaign), scored "
+            "The `propensity` policy's model (Bayesian logistic regression on the 26 features, all labels of the "
+            "campaign; previous: River SGD logistic regression on 18 features: AUC 0.692 vs Bayes 0.798, 0.867 x), "
+            "scored "
             "progressively: each label by the model version served when the label arrived, before the trainer "
             "learns it. Bayes-optimal: the same labels ranked by their true conversion probability (the best any "
             f"model can do on these outcomes). After warm-up (decisions from day {c['warmup_days']} on, model "
@@ -554,15 +708,44 @@ def render(s: dict[str, Any]) -> str:
             lines.append(f"| {p} | {r['treated_labels']} | {r['holdout_labels']} | {r['estimate']:+.4f} "
                          f"{_ci(r['ci'], 4)} | {r['true_uplift']:+.4f} | {contains} |")  # fmt: skip
         lines += ["", "![uplift](uplift.png)", ""]
+    if s["ope"]:
+        lines += [
+            "## Off-policy evaluation against the truth",
+            "",
+            "`core/ope.py` (also `stream-app ope` on a replay's or worker's audit and model-input records) on the "
+            "random policy's log: its labelled pushes and holdouts (the holdout is randomised per user with a known "
+            "share, 10%, so P(push) = 0.9 is exact for every decision). Target policies decide push or not for each "
+            'logged decision from its features and segment; "uplift model" is the uplift policy\'s final model from '
+            "another seed's run, pushing the logged decisions it scores above (or below) its median. Value: "
+            "conversions per decision; uplift per push: (value - value of never pushing) / share pushed, x 1,000. "
+            "True: the simulator's P(convert | push) and P(convert | no push) of the same decisions. 95% intervals: "
+            "bootstrap over users.",
+            "",
+            "| seed | target policy | decisions | pushed share | IPS value (95% CI) | DR value (95% CI) | true value "
+            "| IPS uplift / 1,000 pushes | DR uplift / 1,000 pushes | true uplift / 1,000 pushes | all CIs contain the "
+            "truth |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in s["ope"]:
+            k = 1000
+            lines.append(
+                f"| {r['seed']} | {r['policy']} | {r['decisions']} | {r['push_share']:.2f} | {r['ips']:.4f} "
+                f"{_ci(r['ips_ci'], 4)} | {r['dr']:.4f} {_ci(r['dr_ci'], 4)} | {r['true_value']:.4f} | "
+                f"{k * r['ips_uplift_per_push']:.1f} {_ci([k * x for x in r['ips_uplift_per_push_ci']])} | "
+                f"{k * r['dr_uplift_per_push']:.1f} {_ci([k * x for x in r['dr_uplift_per_push_ci']])} | "
+                f"{k * r['true_uplift_per_push']:.1f} | {'yes' if _ope_ok(r) else '**no**'} |"
+            )
+        lines.append("")
     d = ph["doc"]
     lines += [
         "## The propensity learner on a public dataset",
         "",
         f"River's bundled Phishing dataset ({ph['n']} websites, 9 features; shipped inside the `river` package, no "
         "download), progressive validation with `river.evaluate.progressive_val_score` (predict each sample, then "
-        "learn it). `PropensityLearner` (the product's learner: running standardizer + River `LogisticRegression`, "
-        "SGD lr 0.02, L2 1e-4) scored through `PropensityScorer`, as the workers score, next to the setup River "
-        "documents for the same protocol.",
+        "learn it). `PropensityLearner` (the product's learner: Bayesian logistic regression with a full covariance, "
+        "its defaults, on River's feature dicts as they come) scored through `PropensityScorer`, as the workers "
+        "score, next to the setup River documents for the same protocol. (Previous: SGD logistic regression, "
+        "90.08% accuracy, AUC 0.9537.)",
         "",
         "| model | accuracy | ROC AUC | log loss |",
         "|---|---|---|---|",

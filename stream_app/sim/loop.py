@@ -35,14 +35,14 @@ import numpy as np
 import orjson
 
 from stream_app.campaigns import parse_rule
-from stream_app.core.features import extract_traits
+from stream_app.core.features import extract_traits, feature_dict
 from stream_app.core.pipeline import Models
-from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms, uplift_score
+from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms
 from stream_app.core.profile import DAY_MS, HOUR_MS, Profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import SEGMENTS_KEY, control_key, propensity_key, uplift_key
-from stream_app.core.uplift import SegmentUplift
+from stream_app.core.trainer import SEGMENTS_KEY, propensity_key, uplift_key
+from stream_app.core.uplift import UpliftScorer
 from stream_app.engine import ModelStore
 from stream_app.replay import Replayer
 from stream_app.settings import Settings
@@ -131,6 +131,7 @@ class RunResult:
     decisions: dict[str, np.ndarray] = field(default_factory=dict)  # push and holdout decisions
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # labels with the served model's score
     segments: dict[str, list[float]] = field(default_factory=dict)  # per day: ARI vs types, vs the day before
+    final_params: dict[str, dict] = field(default_factory=dict)  # the last published version of each model
     events: int = 0
     seconds: float = 0.0
 
@@ -151,9 +152,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
     guardrails = Guardrails()
     treated = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
-    control = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
     context: dict[str, Any] = {"user": None, "ts": 0, "segment": -1}
-    counts = {"s": SegmentUplift(CAMPAIGN)}
+    uplift = {"s": UpliftScorer.cold(CAMPAIGN, campaign.min_labels)}
     rng = random.Random(f"policy:{config.seed}")
 
     def oracle(_x: Sequence[float]) -> float:
@@ -165,29 +165,28 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     raws: dict[str, Callable[[Sequence[float]], float]] = {
         "random": lambda _x: rng.random(),
         "propensity": lambda x: treated["s"].predict_one(x),
-        "uplift": lambda x: uplift_score(
-            counts["s"], context["segment"], treated["s"].predict_one(x) - control["s"].predict_one(x)
-        ),
+        "uplift": lambda x: uplift["s"].predict_uplift_one(feature_dict(x, context["segment"])),
         "oracle": oracle,
     }
     warm = {
         "propensity": lambda: treated["s"].is_warm,
-        "uplift": lambda: treated["s"].is_warm and control["s"].is_warm,  # as policy.decide
+        "uplift": lambda: uplift["s"].is_warm,  # as policy.decide
     }.get(policy, lambda: True)
     scorer = RankScorer(raws[policy], warm, lambda: treated["s"], target=push_rate)
     store = ModelStore(Models(SegmentModel(k=(settings or Settings()).segments_k), {CAMPAIGN: scorer}))  # type: ignore[dict-item]
 
+    final: dict[str, dict] = {}
+
     def install(key: str, params: dict) -> None:
+        final[key] = params
         if key == SEGMENTS_KEY:
             store.apply(key, params)
             if store.current.segments.version == params["version"]:  # installed: let it report each segment
                 store.current = replace(store.current, segments=_SegmentSpy.from_params(params).watch(context))
         elif key == uplift_key(CAMPAIGN):
-            counts["s"] = SegmentUplift.from_params(params)
+            uplift["s"] = UpliftScorer.from_params(params)
         elif key == propensity_key(CAMPAIGN):
             treated["s"] = PropensityScorer.from_params(params)
-        elif key == control_key(CAMPAIGN):
-            control["s"] = PropensityScorer.from_params(params)
 
     trainer_mode = "uplift" if policy == "uplift" else "propensity"
     replayer = Replayer(settings, campaigns=(campaign,), guardrails=guardrails,
@@ -211,7 +210,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         value = envelope["value"]
         context["user"] = value.get("user_id") if isinstance(value, dict) else None
         context["ts"] = ts
-        served = treated["s"], control["s"]  # the versions that score this message's labels (progressive)
+        served = treated["s"]  # the version that scores this message's labels (progressive)
         for name, record in replayer.feed(orjson.dumps(envelope)):
             if name == "audit":
                 d = orjson.loads(record)
@@ -227,18 +226,20 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
                 if truth is None:
                     continue
                 pushed = lab["action"] == "push"
-                model = served[0] if pushed or policy != "uplift" else served[1]
+                model = served
                 labels.append((lab["decided_at_ms"], lab["labelled_at_ms"], pushed, lab["converted"],
                                model.predict_one(lab["features"]), truth.p_push if pushed else truth.p_no,
-                               truth.uplift, truth.score, int(truth.user_id[1:]), model.is_warm))  # fmt: skip
+                               truth.uplift, truth.score, int(truth.user_id[1:]), model.is_warm, truth.p_push,
+                               truth.p_no, lab["segment"], lab["features"], bool(lab.get("attributed"))))  # fmt: skip
         n += 1
     result = _result(policy, config, sim, n, t_start)
     cols = ("decided_at_ms", "pushed", "p_push", "p_no", "raw", "rank", "type", "user")
     result.decisions = {c: np.asarray([d[i] for d in decisions]) for i, c in enumerate(cols)}
     cols = ("decided_at_ms", "labelled_at_ms", "pushed", "converted", "model", "true_p", "true_uplift", "rank",
-            "user", "warm")  # fmt: skip
+            "user", "warm", "p_push", "p_no", "segment", "features", "attributed")  # fmt: skip
     result.labels = {c: np.asarray([x[i] for x in labels]) for i, c in enumerate(cols)}
     result.segments = seg_days
+    result.final_params = final
     result.seconds = time.perf_counter() - t_start
     return result
 

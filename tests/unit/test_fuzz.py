@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_app.campaigns import load_campaigns
-from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES
+from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES, feature_dict
 from stream_app.core.pipeline import Config, Models
-from stream_app.core.propensity import PropensityScorer
+from stream_app.core.propensity import PropensityLearner, PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import Trainer
+from stream_app.core.trainer import Trainer, check_params, uplift_key
+from stream_app.core.uplift import UpliftLearner, uplift_params
 from stream_app.engine import ERASED, Engine, Message, ModelStore, decode_state
 from stream_app.metrics import REJECT_CODES, Metrics
 from stream_app.replay import DictStore
@@ -279,6 +280,8 @@ def test_hostile_streams_keep_every_invariant(steps):
 LABEL = {"kind": "label", "campaign": CAMPAIGNS[0].name, "decision_id": "0" * 24, "action": "push", "converted": True,
          "features": [0.5] * len(FEATURE_NAMES), "model_version": 0, "action_probability": 0.5, "segment": -1,
          "decided_at_ms": 0, "labelled_at_ms": 1}  # fmt: skip
+UPLIFT = replace(CAMPAIGNS[0], name="uplift_test", mode="uplift")  # learns both arms and the attribution
+UPLIFT_LABEL = LABEL | {"campaign": UPLIFT.name, "action": "holdout", "segment": 2, "attributed": False}
 SAMPLE = {"kind": "segment_sample", "schema": "traits-v1", "traits": [0.1] * len(TRAIT_NAMES)}
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=8)  # fmt: skip
@@ -286,13 +289,15 @@ JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dict
 
 @given(st.lists(st.one_of(
     st.builds(lambda change: LABEL | change, st.dictionaries(st.sampled_from(sorted(LABEL)), JSON, max_size=2)),
+    st.builds(lambda change: UPLIFT_LABEL | change,
+              st.dictionaries(st.sampled_from(sorted(UPLIFT_LABEL)), JSON | st.integers(-(2**70), 2**70), max_size=2)),
     st.builds(lambda change: SAMPLE | change, st.dictionaries(st.sampled_from(sorted(SAMPLE)), JSON, max_size=1)),
     JSON, st.sampled_from([v for _, v in CORPUS]),
 ), min_size=1, max_size=30))  # fmt: skip
 @settings(max_examples=300, deadline=None)
 def test_the_trainer_never_stops_on_its_inputs(records):
     engine = Engine(SETTINGS, CONFIG, DictStore(), ModelStore(MODELS), Metrics.create())
-    trainer, rejected = Trainer(CAMPAIGNS, segments_k=3, publish_every_ms=1), 0
+    trainer, rejected = Trainer((*CAMPAIGNS, UPLIFT), segments_k=3, publish_every_ms=1), 0
     for i, record in enumerate(records):
         CASES["records"] += 1
         raw = record if isinstance(record, bytes | None) else encode(record)
@@ -304,16 +309,35 @@ def test_the_trainer_never_stops_on_its_inputs(records):
             assert dead[0]["error_code"] in REJECT_CODES and dead[0]["error_code"] != "internal_error", dead[0]
             rejected += 1
         trainer.due(i)  # publishing what was learned never raises either
-    assert trainer.learn(LABEL) == (f"propensity:{LABEL['campaign']}",)  # and it still learns
+    assert f"propensity:{LABEL['campaign']}" in trainer.learn(LABEL | {"converted": False})  # and it still learns
+    assert uplift_key(UPLIFT.name) in trainer.learn(UPLIFT_LABEL)
+    for key in trainer.learners | trainer.uplifts:  # its state persists and is what a successor may restore
+        assert check_params(key, trainer.state(key), min_version=0) is None, key
     assert sum(c._value.get() for c in engine.metrics.model_inputs_rejected.values()) == rejected
 
 
 PARAM_KEYS = st.sampled_from([b"segments", b"propensity:cart_abandonment", b"control:cart_abandonment",
                               b"uplift:cart_abandonment", b"weather", b"\xff", b""]) | st.none()  # fmt: skip
-GOOD = {"campaign": "cart_abandonment", "version": 9, "weights": [0.1] * len(FEATURE_NAMES), "intercept": 0.5,
-        "mean": [0.0] * len(FEATURE_NAMES), "scales": [1.0] * len(FEATURE_NAMES), "prior": 0.02, "n_labels": 500,
-        "min_labels": 100, "features": list(FEATURE_NAMES), "lr": 0.05, "l2": 0.0, "n_positive": 3,
-        "m2": [0.0] * len(FEATURE_NAMES), "sgd_iterations": 1}  # fmt: skip
+
+
+def _learned(n: int = 50) -> tuple[dict, dict]:
+    """Published versions of a real propensity and a real uplift learner (the shapes the trainer writes)."""
+    rnd = random.Random(7)
+    prop, uplift = PropensityLearner("cart_abandonment", 0.02, 100), UpliftLearner()
+    for i in range(n):
+        x = [rnd.random() for _ in FEATURE_NAMES]
+        prop.learn_one(x, i % 7 == 0)
+        uplift.learn_one(feature_dict(x, i % 3), i % 5 != 0, i % 7 == 0, propensity=0.8, attributed=i % 14 == 0)
+    prop.version, uplift.version = 9, 9
+    return prop.to_params(with_covariance=False), uplift_params("cart_abandonment", 100, uplift, False)
+
+
+GOOD, GOOD_UPLIFT = _learned()
+LINEAR_FIELDS = st.sampled_from(["names", "intercept", "weights", "n", "dropped", "covariance"])
+
+
+def _nested(params: dict, field: str, change: dict) -> dict:
+    return params | {field: params[field] | change}
 
 
 SEGMENT_FIELDS = st.sampled_from(["centroids", "mean", "scale", "dims", "k", "schema"])
@@ -321,6 +345,11 @@ SEGMENT_FIELDS = st.sampled_from(["centroids", "mean", "scale", "dims", "k", "sc
 
 @given(st.lists(st.tuples(PARAM_KEYS, st.one_of(
     st.builds(lambda change: GOOD | change, st.dictionaries(st.sampled_from(sorted(GOOD)), JSON, max_size=2)),
+    st.builds(lambda change: GOOD_UPLIFT | change,
+              st.dictionaries(st.sampled_from(sorted(GOOD_UPLIFT)), JSON, max_size=2)),
+    st.builds(_nested, st.just(GOOD_UPLIFT), st.sampled_from(["response", "residual"]),
+              st.dictionaries(LINEAR_FIELDS, JSON | st.lists(st.floats(), max_size=40), max_size=2)),
+    st.builds(_nested, st.just(GOOD), st.just("posterior"), st.dictionaries(LINEAR_FIELDS, JSON, max_size=2)),
     st.builds(lambda change: SegmentModel(k=3).to_params() | {"version": 2} | change,
               st.dictionaries(SEGMENT_FIELDS, JSON, max_size=2)),
     JSON,
@@ -337,8 +366,16 @@ def test_no_model_params_record_stops_a_worker_or_breaks_scoring(records):
         for c in CAMPAIGNS:
             assert 0.0 <= models.scorer(c).predict_one(features) <= 1.0
             if (u := models.uplifts.get(c.name)) is not None:
-                u.predict_one(models.segments.predict_one(traits))
+                u.predict_uplift_one(feature_dict(features, models.segments.predict_one(traits)))
         models.segments.predict_one(traits)
+
+
+def test_the_unmutated_versions_install_so_the_fuzz_above_starts_from_valid_records():
+    store = ModelStore(MODELS)
+    assert store.apply_record(b"propensity:cart_abandonment", encode(GOOD)) is None
+    assert store.apply_record(b"uplift:cart_abandonment", encode(GOOD_UPLIFT)) is None
+    assert store.current.scorers["cart_abandonment"].version == 9
+    assert store.current.uplifts["cart_abandonment"].version == 9
 
 
 def test_zz_report_the_number_of_cases():

@@ -19,9 +19,10 @@ from stream_app.campaigns import load_campaigns
 from stream_app.core.features import FEATURE_NAMES
 from stream_app.core.pipeline import Config, Models
 from stream_app.core.profile import DAY_MS, HOUR_MS
-from stream_app.core.propensity import PropensityScorer
+from stream_app.core.propensity import PropensityLearner, PropensityScorer
 from stream_app.core.segments import SegmentModel
 from stream_app.core.trainer import Trainer
+from stream_app.core.uplift import UpliftLearner, uplift_params
 from stream_app.engine import ERASED, Engine, Message, ModelStore, decode_state
 from stream_app.metrics import Metrics
 from stream_app.replay import DictStore
@@ -232,9 +233,12 @@ def test_model_inputs_that_are_not_labels_are_dead_lettered_and_the_trainer_goes
 
 def test_badly_typed_model_params_are_refused_with_a_reason_and_never_raise():
     store = ModelStore(MODELS)
-    good = {"campaign": "c", "version": 3, "weights": [0.0] * len(FEATURE_NAMES), "intercept": 1.0,
-            "mean": [0.0] * len(FEATURE_NAMES), "scales": [1.0] * len(FEATURE_NAMES), "prior": 0.02,
-            "n_labels": 500, "min_labels": 100, "features": list(FEATURE_NAMES)}  # fmt: skip
+    learner = PropensityLearner("c", 0.02, 100)
+    learner.learn_one([1.0] * len(FEATURE_NAMES), True)
+    good = learner.to_params(with_covariance=False) | {"version": 3}
+    uplift = UpliftLearner()
+    uplift.learn_one({"a": 1.0}, True, True, attributed=True)
+    up = uplift_params("c", 100, uplift, with_covariance=False) | {"version": 2}
     seg = SegmentModel(k=2, warmup=2)
     seg.learn_one([0.0]), seg.learn_one([5.0])  # a model of a one-number vector: it cannot score traits
     bad = [
@@ -242,6 +246,19 @@ def test_badly_typed_model_params_are_refused_with_a_reason_and_never_raise():
         (b"propensity:c", orjson.dumps(good | {"weights": [None] * len(FEATURE_NAMES)}), "wrong_type"),
         (b"propensity:c", orjson.dumps(good | {"scales": [0.0] * len(FEATURE_NAMES)}), "wrong_type"),
         (b"propensity:c", orjson.dumps(good | {"campaign": "other"}), "wrong_type"),
+        (
+            b"propensity:c",
+            orjson.dumps(good | {"posterior": good["posterior"] | {"weights": [1.0, 2.0]}}),
+            "wrong_type",
+        ),
+        (b"propensity:c", orjson.dumps(good | {"features": ["a"]}), "wrong_type"),  # another feature set
+        (b"uplift:c", orjson.dumps(up | {"response": up["response"] | {"names": ["a", "b"]}}), "wrong_type"),
+        (b"uplift:c", orjson.dumps(up | {"residual": up["residual"] | {"covariance": [[1.0]]}}), "wrong_type"),
+        (b"uplift:c", orjson.dumps(up | {"residual": up["residual"] | {"intercept": "0"}}), "wrong_type"),
+        (b"uplift:c", orjson.dumps(up | {"exclude": [1]}), "wrong_type"),
+        (b"uplift:c", orjson.dumps(up | {"n_treated": -1}), "wrong_type"),
+        (b"uplift:c", orjson.dumps(up | {"campaign": "d"}), "wrong_type"),
+        (b"uplift:c", orjson.dumps(up | {"residual_strength": 0}), "wrong_type"),
         (b"propensity:c", b"[]", "not_an_object"),
         (b"propensity:c", None, "tombstone"),
         (b"propensity:c", b"{", "malformed_json"),
@@ -262,6 +279,10 @@ def test_badly_typed_model_params_are_refused_with_a_reason_and_never_raise():
     assert store.current is MODELS  # nothing was installed
     assert store.apply_record(b"propensity:c", orjson.dumps(good)) is None
     assert store.current.scorers["c"].version == 3
+    assert store.apply_record(b"uplift:c", orjson.dumps(up)) is None
+    assert store.current.uplifts["c"].predict_uplift_one({"a": 1.0}) > 0.5  # learned one attributed conversion
+    old = {"campaign": "c", "strength": 1, "version": 9, "arms": {"0": [1, 2, 3, 4]}}  # an older trainer's counts
+    assert store.apply_record(b"uplift:c", orjson.dumps(old)) is None and store.current.uplifts["c"].version == 2
 
 
 # -- item 6: consent outlives the profile ---------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from stream_app.core.policy import SUPPRESSION_CODES, decide, suppression_code
 from stream_app.core.profile import DAY_MS, HOUR_MS, update_profile
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import SEGMENTS_KEY, Trainer, control_key, propensity_key, uplift_key
-from stream_app.core.uplift import SegmentUplift
+from stream_app.core.trainer import SEGMENTS_KEY, Trainer, propensity_key, uplift_key
+from stream_app.core.uplift import UpliftScorer
 from stream_app.metrics import REJECT_CODES
 from stream_app.wire import CONSENT_ACTIONS, dead_letter, decision_record, label_record, parse_consent, sample_record
 
@@ -361,9 +361,9 @@ def assert_installable(key: str, params: dict) -> None:
     if key == SEGMENTS_KEY:
         SegmentModel.from_params(params)
     elif key == uplift_key(params["campaign"]):
-        assert SegmentUplift.from_params(params).n_labels > 0
+        assert UpliftScorer.from_params(params).n_labels > 0
     else:
-        assert key in (propensity_key(params["campaign"]), control_key(params["campaign"]))
+        assert key == propensity_key(params["campaign"])
         PropensityScorer.from_params(params)
 
 
@@ -375,7 +375,7 @@ def test_published_model_params_validate_before_and_after_segment_warm_up():
     assert segments[-1]["centroids"]  # seeded
     assert not any(p["buffer"] for p in segments)  # workers never receive the trainer's warm-up buffer
     assert {k for k, _ in PUBLISHED} >= {SEGMENTS_KEY, propensity_key("cart_abandonment"), propensity_key("cross_sell"),
-                                         control_key("cross_sell"), uplift_key("cross_sell")}  # fmt: skip
+                                         uplift_key("cross_sell")}  # fmt: skip
     assert all(p["version"] == i + 1 for i, p in enumerate(segments))
 
 
@@ -500,13 +500,11 @@ def test_the_contracts_doc_s_decision_example_is_a_valid_decision():
 
 def test_an_uplift_decision_with_a_negative_estimate_validates():
     campaign = replace(CAMPAIGNS[0], mode="uplift", threshold=0.0)
-    cold = replace(PropensityScorer.cold(campaign.name), n_labels=1000, min_labels=10)
-    treated, control = replace(cold, intercept=-3.0), replace(cold, intercept=-1.0)  # pushes hurt: P 0.05 vs 0.27
+    scorer = replace(PropensityScorer.cold(campaign.name), n_labels=1000, min_labels=10)
+    hurts = replace(UpliftScorer.cold(campaign.name, 10), n_treated=1000, residual_intercept=-0.2)  # pushes hurt
     profile, _ = update_profile(None, Event("e0", "click", "u", 12 * HOUR_MS))
-    counts = SegmentUplift(campaign.name, arms={"1": [500, 10, 50, 10]})
-    for uplift in (None, counts):
-        d = decide(user_id="u", profile=profile, features=extract_features(profile, 12 * HOUR_MS), segment=1,
-                   campaign=campaign, scorer=treated, control=control, uplift=uplift, guardrails=GUARDRAILS,
-                   trigger_id="e1", now_ms=12 * HOUR_MS)  # fmt: skip
-        assert d.score < 0 and d.action == "suppress"
-        assert_valid(DECISION, loads(decision_record(d)))
+    d = decide(user_id="u", profile=profile, features=extract_features(profile, 12 * HOUR_MS), segment=1,
+               campaign=campaign, scorer=scorer, uplift=hurts, guardrails=GUARDRAILS, trigger_id="e1",
+               now_ms=12 * HOUR_MS)  # fmt: skip
+    assert d.score < 0 and d.action == "suppress"
+    assert_valid(DECISION, loads(decision_record(d)))

@@ -146,9 +146,16 @@ def test_evaluate_quick_writes_the_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for section in ("## Targets", "## Policies at equal push volume", "## Propensity model against the ground truth",
                     "## Segments against the latent types", "## Holdout-based uplift estimate",
-                    "## The propensity learner on a public dataset", "Bayes-optimal", "adjusted Rand"):  # fmt: skip
+                    "## The propensity learner on a public dataset", "Bayes-optimal", "adjusted Rand",
+                    "## Share of the oracle's headroom", "## Off-policy evaluation against the truth"):  # fmt: skip
         assert section.lower() in report.lower(), section
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["volume"]) == {"none", "random", "propensity", "uplift", "oracle"}
-    assert len(summary["targets"]) == 6
+    assert len(summary["targets"]) == 9
+    assert set(summary["headroom"]) == {"propensity", "uplift"}
+    ope = summary["ope"]
+    assert {r["policy"] for r in ope} >= {"push every logged decision", "uplift model, top half"}
+    for r in ope:  # estimates and truth are probabilities; every interval brackets its estimate
+        assert 0 <= r["true_value"] <= 1 and r["ips_ci"][0] <= r["ips"] <= r["ips_ci"][1]
+        assert r["dr_ci"][0] <= r["dr"] <= r["dr_ci"][1]
     assert summary["phishing"]["documented_setup"]["accuracy"] == pytest.approx(0.8896, abs=1e-4)  # River's number

@@ -80,50 +80,48 @@ def test_quality_auc_is_exact_and_uplift_compares_treated_with_holdout():
     assert math.isclose(q.uplift, 2 / 3 - 1 / 2)
 
 
-def test_uplift_campaigns_learn_a_treated_and_a_control_model_and_target_their_difference():
+def test_uplift_campaigns_learn_the_uplift_and_target_it():
     from dataclasses import replace
 
     from stream_app.core.policy import decide
     from stream_app.core.propensity import PropensityScorer
-    from stream_app.core.trainer import control_key
+    from stream_app.core.uplift import UpliftScorer
 
     cart = replace(next(c for c in CAMPAIGNS if c.name == "cart_abandonment"), mode="uplift", min_labels=100,
-                   holdout_share=0.0, exploration_share=0.0, threshold=0.1)  # fmt: skip
+                   holdout_share=0.5, exploration_share=0.0, threshold=0.1)  # fmt: skip
     trainer = Trainer((cart,), publish_every_ms=1)
     rnd = random.Random(5)
 
-    def outcome(x, pushed):  # the push helps users with high log_rate_6h, no one else
-        lift = 0.5 if pushed and x[INDEX["log_rate_6h"]] > 0 else 0.0
-        return rnd.random() < 0.1 + lift
-
-    for i in range(4000):
+    for i in range(4000):  # the push helps users with high log_rate_6h (clicks on it), no one else
         pushed = i % 2 == 0
         rec = label(rnd, action="push" if pushed else "holdout", t=i)
-        rec["converted"] = outcome(rec["features"], pushed)
+        caused = pushed and rec["features"][INDEX["log_rate_6h"]] > 0 and rnd.random() < 0.5
+        rec["converted"], rec["attributed"] = caused or rnd.random() < 0.1, caused
         keys = trainer.learn(rec)
-        model = propensity_key("cart_abandonment") if pushed else control_key("cart_abandonment")
-        assert keys == (model, uplift_key("cart_abandonment"))
+        expected = (propensity_key("cart_abandonment"), uplift_key("cart_abandonment"))
+        assert keys == (expected if pushed else expected[1:])  # P(convert | push) learns pushed labels only
     published = trainer.due(now_ms=10_000)
-    assert set(published) == {propensity_key("cart_abandonment"), control_key("cart_abandonment"),
-                              uplift_key("cart_abandonment")}  # fmt: skip
+    assert set(published) == {propensity_key("cart_abandonment"), uplift_key("cart_abandonment")}
     treated = PropensityScorer.from_params(published[propensity_key("cart_abandonment")])
-    control = PropensityScorer.from_params(published[control_key("cart_abandonment")])
-    assert treated.n_labels == control.n_labels == 2000
+    uplift = UpliftScorer.from_params(orjson.loads(orjson.dumps(published[uplift_key("cart_abandonment")])))
+    assert treated.n_labels == uplift.n_treated == uplift.n_control == 2000
+    assert "covariance" not in published[uplift_key("cart_abandonment")]["response"]  # the trainer's state only
 
     def uplift_decision(rate):
         x = [0.0] * D
         x[INDEX["log_rate_6h"]] = rate
         return decide(user_id="u", profile=_profile(), features=x, segment=0, campaign=cart,
                       scorer=treated, guardrails=_guardrails(), trigger_id="t", now_ms=12 * 3_600_000,
-                      control=control)  # fmt: skip
+                      uplift=uplift)  # fmt: skip
 
     helped, unmoved = uplift_decision(1.5), uplift_decision(-1.5)
     assert helped.score > 0.25 and abs(unmoved.score) < 0.1  # estimated uplift, not propensity
-    assert helped.action == "push" and unmoved.action == "suppress"
+    assert helped.action in ("push", "holdout") and unmoved.action == "suppress"
+    assert helped.model_version == uplift.version  # the decision names the uplift model's version
     cold = decide(user_id="u", profile=_profile(), features=[0.0] * D, segment=0, campaign=cart, scorer=treated,
                   guardrails=_guardrails(), trigger_id="t2", now_ms=0,
-                  control=PropensityScorer.cold("cart_abandonment", 0.02, 100))  # fmt: skip
-    assert any(r.startswith("cold_start:") for r in cold.reasons)  # both arms must be warm to target
+                  uplift=UpliftScorer.cold("cart_abandonment", 100))  # fmt: skip
+    assert any(r.startswith("cold_start:") for r in cold.reasons)  # targets once it has min_labels pushed labels
 
 
 def _profile():
@@ -141,36 +139,34 @@ def _guardrails():
 
 
 def test_uplift_by_segment_ranks_the_segment_a_push_moves_above_one_it_does_not():
-    """Segment 1 converts 0.30 pushed vs 0.10 held out, segment 2 0.30 vs 0.30: the models see the same
-    features in both (they cannot tell the segments apart), the segment counts can."""
+    """Segment 1 converts 0.30 pushed vs 0.10 held out, segment 2 0.30 vs 0.30, identical features otherwise:
+    the uplift model reads the segment (one-hot) and tells them apart; attributed conversions are known."""
     from dataclasses import replace
 
     from stream_app.core.policy import decide
     from stream_app.core.propensity import PropensityScorer
-    from stream_app.core.trainer import control_key
-    from stream_app.core.uplift import SegmentUplift
+    from stream_app.core.uplift import UpliftScorer
 
     cart = replace(next(c for c in CAMPAIGNS if c.name == "cart_abandonment"), mode="uplift", min_labels=100,
-                   holdout_share=0.0, exploration_share=0.0, threshold=0.1)  # fmt: skip
+                   holdout_share=0.5, exploration_share=0.0, threshold=0.1)  # fmt: skip
     trainer, rnd = Trainer((cart,), publish_every_ms=1), random.Random(6)
     for i in range(8000):
         segment, pushed = 1 + i % 2, i % 4 < 2
         rec = label(rnd, action="push" if pushed else "holdout", t=i, segment=segment)
         rec["features"] = [0.0] * D
-        rec["converted"] = rnd.random() < (0.3 if pushed or segment == 2 else 0.1)
+        caused = pushed and segment == 1 and rnd.random() < 0.2 / 0.9  # 1 - 0.9 * (1 - 0.2 / 0.9) = 0.3
+        rec["converted"] = caused or rnd.random() < (0.1 if segment == 1 else 0.3)
+        rec["attributed"] = caused
         trainer.learn(rec)
     published = trainer.due(now_ms=10_000)
-    counts = SegmentUplift.from_params(orjson.loads(orjson.dumps(published[uplift_key("cart_abandonment")])))
-    assert counts.n_labels == 8000 and counts.version == 1
-    assert abs(counts.predict_one(1) - 0.2) < 0.04 and abs(counts.predict_one(2)) < 0.04
+    uplift = UpliftScorer.from_params(orjson.loads(orjson.dumps(published[uplift_key("cart_abandonment")])))
+    assert uplift.n_labels == 8000 and uplift.version == 1 and uplift.n_attributed == 4000
 
-    def score(segment, uplift):
+    def score(segment):
         return decide(user_id="u", profile=_profile(), features=[0.0] * D, segment=segment, campaign=cart,
                       scorer=PropensityScorer.from_params(published[propensity_key("cart_abandonment")]),
-                      guardrails=_guardrails(), trigger_id="t", now_ms=12 * 3_600_000,
-                      control=PropensityScorer.from_params(published[control_key("cart_abandonment")]),
-                      uplift=uplift)  # fmt: skip
+                      guardrails=_guardrails(), trigger_id="t", now_ms=12 * 3_600_000, uplift=uplift)  # fmt: skip
 
-    moved, unmoved = score(1, counts), score(2, counts)
-    assert moved.score > 0.15 > 0.05 > unmoved.score and moved.action == "push" and unmoved.action == "suppress"
-    assert score(1, None).score == score(2, None).score  # the models alone cannot tell them apart
+    moved, unmoved = score(1), score(2)
+    assert abs(moved.score - 0.2) < 0.05 and abs(unmoved.score) < 0.05
+    assert moved.action in ("push", "holdout") and unmoved.action == "suppress"
