@@ -72,6 +72,7 @@ class QuietHours(_Strict):
     start: int = Field(22, ge=0, le=23)
     end: int = Field(8, ge=0, le=23)
     mode: Literal["hold", "drop"] = "hold"
+    send_at: Literal["end", "active_hour"] = "end"  # hold: at the end of quiet hours, or the user's most active hour
 
 
 class GuardrailsConfig(_Strict):
@@ -146,7 +147,8 @@ def load_campaigns(path: str | Path | None = None) -> tuple[tuple[Campaign, ...]
     g = cfg.guardrails
     guardrails = Guardrails(
         max_pushes_24h=g.max_pushes_24h, min_gap_ms=int(g.min_gap * ms), quiet_start_hour=g.quiet_hours.start,
-        quiet_end_hour=g.quiet_hours.end, quiet_mode=g.quiet_hours.mode, decision_ttl_ms=int(g.decision_ttl * ms),
+        quiet_end_hour=g.quiet_hours.end, quiet_mode=g.quiet_hours.mode,
+        quiet_send_at=g.quiet_hours.send_at, decision_ttl_ms=int(g.decision_ttl * ms),
     )  # fmt: skip
     campaigns = tuple(
         Campaign(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -288,6 +289,40 @@ def replay_cmd(events: Path, out_dir: Path) -> None:
     for name, path in paths.items():
         click.echo(f"{len(result.records[name]):>9} {name:<13} -> {path}")
     click.echo(f"outcomes: {dict(sorted(result.counts.items()))}; users held: {len(result.users)}")
+
+
+@main.command("ope")
+@click.option("--audit", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="decision-audit records, JSON lines (a replay's audit.jsonl)")  # fmt: skip
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="model-inputs records, JSON lines (a replay's model-inputs.jsonl): the labels")  # fmt: skip
+@click.option("--campaign", required=True)
+@click.option("--policy", "kind", type=click.Choice(["model", "all", "none"]), default="model", show_default=True,
+              help="target policy: push where the uplift model scores >= --threshold, push all, push none")  # fmt: skip
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="model-params.jsonl (its last uplift:<campaign> version) or one version as JSON")  # fmt: skip
+@click.option("--threshold", default=0.0, show_default=True, help="minimum estimated uplift to push")
+@click.option("--holdout-share", type=float, default=None,
+              help="the campaign's holdout share (default: from the campaign config)")  # fmt: skip
+def ope_cmd(audit: Path, labels: Path, campaign: str, kind: str, model: Path | None, threshold: float,
+            holdout_share: float | None) -> None:  # fmt: skip
+    """Off-policy evaluation from the log: IPS and doubly robust estimates (95% intervals, bootstrap over users)
+    of a target policy's conversion rate per labelled decision and of its uplift per push, using the holdout's
+    known randomisation. Prints JSON."""
+    from stream_app.campaigns import load_campaigns
+    from stream_app.offpolicy import run
+
+    if holdout_share is None:
+        campaigns, _ = load_campaigns(_settings().campaigns_file or None)
+        found = next((c for c in campaigns if c.name == campaign), None)
+        if found is None:
+            raise click.ClickException(f"campaign {campaign!r} is not in the campaign config; pass --holdout-share")
+        holdout_share = found.holdout_share
+    try:
+        result = run(audit, labels, campaign, holdout_share, kind, model, threshold)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=1))
 
 
 @main.command("simulate")

@@ -40,6 +40,7 @@ class Metrics:
     model_inputs_ignored: Counter
     models_published: dict[tuple[str], Counter]
     model_version: dict[tuple[str], Gauge]
+    models_rejected: dict[tuple[str], Gauge]
     model_log_loss: dict[tuple[str], Gauge]
     model_auc: dict[tuple[str], Gauge]
     label_delay: dict[tuple[str], Gauge]
@@ -217,6 +218,11 @@ class Metrics:
             model_inputs_ignored=ignored,
             models_published=published,
             model_version=gauge("stream_app_model_version", "Model version this worker scores with.", "model"),
+            models_rejected=gauge(
+                "stream_app_model_versions_rejected",
+                "Publications the quality gate refused since the trainer started (trainer.rejected).",
+                "model",
+            ),
             model_log_loss=gauge(
                 "stream_app_model_log_loss", "Progressive log loss on delayed labels (trainer).", "campaign"
             ),

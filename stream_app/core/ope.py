@@ -101,7 +101,8 @@ def evaluate_policy(log: Sequence[LoggedDecision], policy: Callable[[Mapping[str
         idx = rng.integers(0, len(users), len(users))
         boots.append(_summaries({k: float(v[idx].sum()) for k, v in per_user.items()}, float(count[idx].sum())))
     for k in ("ips", "dr", "ips_uplift_per_push", "dr_uplift_per_push"):
-        lo, hi = np.nanpercentile([b[k] for b in boots], [2.5, 97.5])
+        values = [b[k] for b in boots if not math.isnan(b[k])]
+        lo, hi = np.percentile(values, [2.5, 97.5]) if values else (math.nan, math.nan)
         out[f"{k}_ci"] = (float(lo), float(hi))
     out["decisions"], out["users"] = len(log), len(users)
     return out

@@ -28,9 +28,9 @@ from stream_app.core.policy import (
     choose,
     decide,
     ineligibility,
-    next_allowed_ms,
     record_push,
     rules_hold,
+    send_time,
     uniform,
 )  # fmt: skip
 from stream_app.core.profile import DAY_MS, Profile, ProfileParams, is_expired, update_profile
@@ -333,7 +333,7 @@ def _decide(state: UserState, campaigns: Sequence[Campaign], features: list[floa
         out.decisions.append(d)
         if d.action in ("push", "holdout"):  # a holdout is a virtual push: spaced and capped as pushes are
             state.profile = record_push(state.profile, d, config.profile.max_pushes_kept)
-            start = d.send_at_ms or next_allowed_ms(now, state.profile.tz_offset_min, config.guardrails)
+            start = d.send_at_ms or send_time(now, state.profile, config.guardrails)  # a holdout: when it would go
             state.pending.append(Pending(d.decision_id, d.campaign, d.action, start, start + windows[d.campaign],
                                          d.features, d.model_version, d.probability, d.segment))  # fmt: skip
     while len(state.pending) > config.max_pending:

@@ -79,6 +79,7 @@ class Guardrails:
     quiet_start_hour: int = 22  # local time, inclusive
     quiet_end_hour: int = 8  # local time, exclusive
     quiet_mode: str = "hold"  # "hold": send at the next allowed time; "drop": suppress
+    quiet_send_at: str = "end"  # hold: "end" of quiet hours, or the user's most "active_hour" after it (send_time)
     decision_ttl_ms: int = 12 * HOUR_MS  # a push not sent by send_at + ttl is stale
 
 
@@ -138,6 +139,35 @@ def next_allowed_ms(now_ms: int, tz_offset_min: int | None, g: Guardrails) -> in
     end_today = day_start + end * HOUR_MS
     target = end_today if local < end_today else end_today + 24 * HOUR_MS
     return target - offset
+
+
+def send_time(now_ms: int, profile: Profile, g: Guardrails) -> int:
+    """When a push decided at ``now_ms`` goes out: now outside quiet hours; held, at the end of the quiet period
+    (``quiet_send_at="end"``) or at the user's most active local hour among the next hours that are allowed and
+    within ``decision_ttl`` of that end (``"active_hour"``: the profile's decayed histogram of active hours, the
+    local hour of the user's last click on a push counting as much as their busiest hour; ties: the earliest).
+
+    >>> from stream_app.core.events import Event
+    >>> from stream_app.core.profile import update_profile
+    >>> p, _ = update_profile(None, Event("e1", "click", "u", 19 * HOUR_MS, tz_offset_min=0))
+    >>> g = Guardrails(quiet_send_at="active_hour")
+    >>> (send_time(23 * HOUR_MS, p, g) - 24 * HOUR_MS) // HOUR_MS  # active at 19:00: held until 19:00 next day
+    19
+    >>> (send_time(23 * HOUR_MS, p, Guardrails()) - 24 * HOUR_MS) // HOUR_MS  # default: the end of quiet hours
+    8
+    """
+    start = next_allowed_ms(now_ms, profile.tz_offset_min, g)
+    if start == now_ms or g.quiet_send_at != "active_hour":
+        return start
+    allowed = (g.quiet_start_hour - g.quiet_end_hour) % 24 or 24
+    span = min(allowed, max(g.decision_ttl_ms // HOUR_MS, 1))
+    hours = profile.hours
+    weight = list(hours)
+    if profile.last_push_click_ms >= 0:
+        weight[local_hour(profile.last_push_click_ms, profile.tz_offset_min)] += max(hours, default=0.0) or 1.0
+    first = local_hour(start, profile.tz_offset_min)
+    best = max(range(span), key=lambda k: (weight[(first + k) % 24], -k))
+    return start + best * HOUR_MS if weight[(first + best) % 24] > 0 else start
 
 
 def rules_hold(campaign: Campaign, features: Sequence[float]) -> bool:
@@ -224,7 +254,7 @@ def decide(
     if last_any is not None and now_ms - last_any < guardrails.min_gap_ms:
         reasons.append("suppress:min_gap")
         return out("suppress", probability)
-    send_at = next_allowed_ms(now_ms, profile.tz_offset_min, guardrails)
+    send_at = send_time(now_ms, profile, guardrails)
     if send_at != now_ms:
         if guardrails.quiet_mode == "drop":
             reasons.append("suppress:quiet_hours")

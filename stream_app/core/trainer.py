@@ -103,8 +103,44 @@ class Quality:
         return self.treated[1] / self.treated[0] - self.holdout[1] / self.holdout[0]
 
 
+@dataclass
+class Gate:
+    """The quality gate of one model: a new version is published only if the learner's progressive log loss over
+    the last ``window`` labels is not worse than that of the versions workers served for those labels by more
+    than ``margin`` (relative). Progressive: each label is scored by the learner as it stood just before learning
+    it and by the version being served, so neither had seen the label. The first version, and any while fewer
+    than ``min_labels`` labels have been scored by a served version, pass."""
+
+    margin: float = 0.02
+    window: int = 500
+    min_labels: int = 200
+    losses: deque = field(default_factory=deque)  # (candidate loss, serving loss) per label since the last version
+    rejected: int = 0  # evaluations that kept the serving version
+
+    def add(self, candidate: float, serving: float, y: bool) -> None:
+        self.losses.append((_loss(candidate, y), _loss(serving, y)))
+        if len(self.losses) > self.window:
+            self.losses.popleft()
+
+    def passes(self) -> bool:
+        if len(self.losses) < self.min_labels:
+            return True
+        candidate = sum(c for c, _ in self.losses) / len(self.losses)
+        serving = sum(s for _, s in self.losses) / len(self.losses)
+        if candidate <= serving * (1 + self.margin):
+            return True
+        self.rejected += 1
+        return False
+
+
+def _loss(p: float, y: bool) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return -math.log(p if y else 1 - p)
+
+
 class Trainer:
-    def __init__(self, campaigns: tuple[Campaign, ...], segments_k: int = 6, publish_every_ms: int = 2000) -> None:
+    def __init__(self, campaigns: tuple[Campaign, ...], segments_k: int = 6, publish_every_ms: int = 2000,
+                 gate_margin: float = 0.02, gate_window: int = 500, gate_min_labels: int = 200) -> None:  # fmt: skip
         self.campaigns = {c.name: c for c in campaigns}
         self.publish_every_ms = publish_every_ms
         self.learners = {propensity_key(c.name): PropensityLearner(c.name, c.prior, c.min_labels) for c in campaigns}
@@ -114,6 +150,11 @@ class Trainer:
         self.quality = {c.name: Quality() for c in campaigns}
         self.dirty: set[str] = set()
         self.last_publish_ms = -1
+        # propensity models are gated against the version workers serve (None until the first publication)
+        self.serving: dict[str, PropensityScorer | None] = dict.fromkeys(self.learners)
+        self.gates = {k: Gate(gate_margin, gate_window, gate_min_labels) for k in self.learners}
+        # uplift campaigns' P(convert | push) learns pushed labels only: gated on pushed labels
+        self._treated_only = {propensity_key(c.name) for c in campaigns if c.mode == "uplift"}
 
     def learn(self, record: dict[str, Any]) -> tuple[str, ...]:
         """Learn from one model-input record; return the keys of the models it changed (none if ignored)."""
@@ -133,6 +174,9 @@ class Trainer:
         score = learner.predict_proba_one(x)[True]  # what the published scorer of this state answers
         self.quality[learner.campaign].add(score, y, record["labelled_at_ms"] - record["decided_at_ms"],
                                            record["action"])  # fmt: skip
+        serving = self.serving[key]
+        if serving is not None and (pushed or key not in self._treated_only):
+            self.gates[key].add(score, serving.predict_one(x), y)
         uplift = self.uplifts.get(uplift_key(campaign.name))
         if uplift is None:
             learner.learn_one(x, y)
@@ -163,11 +207,19 @@ class Trainer:
                 self.uplifts[key].version += 1
                 out[key] = self._uplift_params(key, with_covariance=False)
             else:
+                if not self.gates[key].passes():
+                    continue  # stays dirty: evaluated again at the next publication, on newer labels
                 learner = self.learners[key]
                 learner.version += 1
                 out[key] = learner.to_params(with_covariance=False)
-        self.dirty.clear()
+                self.serving[key] = PropensityScorer.from_params(out[key])
+        self.dirty -= set(out)
         return out
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Per model key: publications the quality gate refused (``stream_app_model_versions_rejected_total``)."""
+        return {k: g.rejected for k, g in self.gates.items()}
 
     def state(self, key: str) -> dict[str, Any]:
         """The full learning state of one model (what a successor trainer restores)."""
@@ -190,6 +242,8 @@ class Trainer:
                 self.uplifts[key] = UpliftLearner.from_params(params)
         elif key in self.learners:
             self.learners[key] = PropensityLearner.from_params(params)
+            if params.get("version"):  # what workers serve: the successor gates against it
+                self.serving[key] = PropensityScorer.from_params(params)
 
 
 # -- what the trainer and the workers read: checked before use, never trusted -----------------------------------

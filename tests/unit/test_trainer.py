@@ -170,3 +170,30 @@ def test_uplift_by_segment_ranks_the_segment_a_push_moves_above_one_it_does_not(
     moved, unmoved = score(1), score(2)
     assert abs(moved.score - 0.2) < 0.05 and abs(unmoved.score) < 0.05
     assert moved.action in ("push", "holdout") and unmoved.action == "suppress"
+
+
+def test_the_quality_gate_keeps_the_serving_version_when_a_new_one_scores_worse():
+    """After version 1 the labels' relation to log_rate_6h flips. The version workers serve is replaced by the new
+    regime's truth (as if a better model had been published); the learner, still carrying the old regime's
+    weights, scores the same new labels worse, so its versions are refused (and counted) until it catches up."""
+    from stream_app.core.propensity import PropensityScorer
+
+    cart = next(c for c in CAMPAIGNS if c.name == "cart_abandonment")
+    trainer = Trainer((cart,), publish_every_ms=1, gate_margin=0.02, gate_window=300, gate_min_labels=200)
+    key = propensity_key(cart.name)
+    rnd = random.Random(9)
+    for i in range(2000):
+        trainer.learn(label(rnd, t=i))
+    first = trainer.due(now_ms=1)[key]
+    assert first["version"] == 1  # the first version is never gated
+    i = INDEX["log_rate_6h"]
+    weights = [0.0] * D
+    weights[i] = -2.0 * first["scales"][i]  # z = -2 - 2 x, in the scorer's standardized form
+    truth = {**first, "weights": weights, "intercept": -2.0 - 2.0 * first["mean"][i], "n_labels": 10**6}
+    trainer.serving[key] = PropensityScorer.from_params(truth)
+    for t in range(250):
+        rec = label(rnd, t=5000 + t)
+        rec["converted"] = rnd.random() < 1 / (1 + math.exp(2.0 + 2.0 * rec["features"][i]))
+        trainer.learn(rec)
+    assert trainer.due(now_ms=2) == {}  # refused: both scored these labels, the served version did better
+    assert trainer.rejected[key] == 1 and key in trainer.dirty  # counted, and evaluated again next time
