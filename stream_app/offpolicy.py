@@ -5,7 +5,10 @@ features, segment, push or holdout) as JSON lines (a replay's ``audit.jsonl`` an
 topic dumps), joins them on ``decision_id`` and estimates, with ``core/ope.py`` (IPS and doubly robust, user
 bootstrap), what a target policy would reach on the labelled decisions of one campaign: push every one
 (``all``), none (``none``), or those an uplift model (a published ``uplift:<campaign>`` version, from
-``model-params.jsonl`` or a JSON file of its params) scores at or above ``threshold``.
+``model-params.jsonl`` or a JSON file of its params) scores at or above ``threshold``. The features are
+read as for a user who never clicked a push (``without_push_responses``): the log's randomisation is the holdout,
+and no holdout user ever clicked a push, so how those users would fare is not in the log (a policy keyed on push
+clicks cannot be evaluated from it).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from stream_app.core.features import feature_dict
+from stream_app.core.features import feature_dict, without_push_responses
 from stream_app.core.ope import LoggedDecision, evaluate_policy
 from stream_app.core.uplift import UpliftScorer
 
@@ -39,7 +42,8 @@ def load_log(audit: Iterable[dict[str, Any]], labels: Iterable[dict[str, Any]], 
         if r.get("kind") != "label" or r.get("campaign") != campaign or r["decision_id"] not in users:
             continue
         log.append(LoggedDecision(users[r["decision_id"]], r["action"] == "push", bool(r["converted"]),
-                                  1 - holdout_share, feature_dict(r["features"], int(r["segment"]))))  # fmt: skip
+                                  1 - holdout_share,
+                                  without_push_responses(feature_dict(r["features"], int(r["segment"])))))  # fmt: skip
     return log
 
 

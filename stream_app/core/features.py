@@ -101,6 +101,17 @@ def feature_dict(features: Sequence[float], segment: int) -> dict[str, float]:
     return out
 
 
+def without_push_responses(x: dict[str, float]) -> dict[str, float]:
+    """The feature dict as for a user who never clicked a push. Off-policy evaluation uses it: the holdout is the
+    log's randomisation, and holdout users never receive a push, so no logged outcome shows what a policy that
+    keys on earlier push clicks would do without the push (positivity fails there).
+
+    >>> without_push_responses({"log_push_clicks": 1.2, "log_clicks": 2.0})["log_push_clicks"]
+    0.0
+    """
+    return {**x, "log_push_clicks": 0.0, "push_click_rate": 0.0, "log_hours_since_push_click": math.log1p(NEVER_HOURS)}
+
+
 def _local_weekday(ts_ms: int, tz_offset_min: int | None) -> int:
     """Monday 0 .. Sunday 6 in the user's local time (1970-01-01 was a Thursday).
 

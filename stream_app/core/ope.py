@@ -9,8 +9,11 @@ features and segment). Its value is the conversion rate per decision it would re
 
 - **IPS** (inverse propensity scoring): ``mean(Y * 1[T == pi] / P(T == pi))``: unbiased, noisy;
 - **doubly robust**: ``mean(m_pi(x) + 1[T == pi] / P(T == pi) * (Y - m_T(x)))`` with outcome models ``m_1``
-  (pushed labels) and ``m_0`` (holdout labels) learned *progressively* (each label predicted before it is learned,
-  so a label never corrects its own prediction): unbiased whatever the models, less noisy when they are good.
+  (pushed labels) and ``m_0`` (holdout labels) learned progressively and *cross-fitted by user*: a decision is
+  predicted by the models of the other half of the users, so no prediction has learned from its own user's
+  outcomes (the holdout is assigned per user: a model that learned from the user's earlier labels only when the
+  user is held out would correlate with the user's arm, and was measured biased: its interval missed the truth
+  in 4 of 9 simulator checks). Unbiased whatever the models, less noisy when they are good.
 
 Both also give the target policy's **uplift per push**: ``(V(pi) - V(never)) / mean(pi)``, the conversions its
 pushes add per push (x 1,000: incremental conversions per 1,000 pushes). Intervals: percentile bootstrap over
@@ -21,6 +24,7 @@ the decisions the logging policy chose to push or hold out: the log has no outco
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +46,15 @@ class LoggedDecision:
 
 
 def outcome_predictions(log: Sequence[LoggedDecision]) -> tuple[np.ndarray, np.ndarray]:
-    """Progressive outcome models: P(convert | push, x) and P(convert | no push, x) for each decision, from
-    the labels before it (each arm's labels teach its own model)."""
-    m1, m0 = PropensityLearner(prior=0.05, min_labels=50), PropensityLearner(prior=0.05, min_labels=50)
+    """Progressive, user-cross-fitted outcome models: P(convert | push, x) and P(convert | no push, x) for each
+    decision, from the earlier labels of the *other* half of the users (each arm's labels teach its own model)."""
+    models = [[PropensityLearner(prior=0.05, min_labels=50) for _ in range(2)] for _ in range(2)]  # [fold][arm]
     mu1, mu0 = np.empty(len(log)), np.empty(len(log))
     for i, d in enumerate(log):
-        mu1[i], mu0[i] = m1.predict_proba_one(d.x)[True], m0.predict_proba_one(d.x)[True]
-        (m1 if d.treated else m0).learn_one(d.x, d.converted)
+        fold = zlib.crc32(d.user.encode()) & 1
+        own = models[fold]
+        mu0[i], mu1[i] = own[0].predict_proba_one(d.x)[True], own[1].predict_proba_one(d.x)[True]
+        models[1 - fold][int(d.treated)].learn_one(d.x, d.converted)
     return mu1, mu0
 
 

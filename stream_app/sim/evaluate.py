@@ -248,7 +248,7 @@ def off_policy(results: list[RunResult], cfg: EvalConfig) -> list[dict[str, Any]
     """``core/ope.py`` validated against the truth: from the random policy's log (its labelled pushes and
     holdouts), the IPS and doubly robust estimates of target policies' value and uplift per push, next to the
     true values (the simulator's P(convert | push) and P(convert | no push) of each logged decision)."""
-    from stream_app.core.features import feature_dict
+    from stream_app.core.features import feature_dict, without_push_responses
     from stream_app.core.ope import LoggedDecision, evaluate_policy
     from stream_app.core.trainer import uplift_key
     from stream_app.core.uplift import UpliftScorer
@@ -264,7 +264,8 @@ def off_policy(results: list[RunResult], cfg: EvalConfig) -> list[dict[str, Any]
         day = (lab["decided_at_ms"] - lab["decided_at_ms"].min()) // DAY_MS
         keep = np.flatnonzero(day < cfg.days - 1)  # the last day's windows close after the run
         log = [LoggedDecision(str(lab["user"][j]), bool(lab["pushed"][j]), bool(lab["converted"][j]), e,
-                              feature_dict(lab["features"][j], int(lab["segment"][j]))) for j in keep]  # fmt: skip
+                              without_push_responses(feature_dict(lab["features"][j], int(lab["segment"][j]))))
+               for j in keep]  # fmt: skip
         p1, p0 = lab["p_push"][keep], lab["p_no"][keep]
         others = [models.get(t) for t in seeds[i + 1 :] + seeds[: i + 1]]  # another seed's model first
         params = next((m for m in others if m), None)
@@ -716,7 +717,9 @@ def render(s: dict[str, Any]) -> str:
             "random policy's log: its labelled pushes and holdouts (the holdout is randomised per user with a known "
             "share, 10%, so P(push) = 0.9 is exact for every decision). Target policies decide push or not for each "
             'logged decision from its features and segment; "uplift model" is the uplift policy\'s final model from '
-            "another seed's run, pushing the logged decisions it scores above (or below) its median. Value: "
+            "another seed's run, pushing the logged decisions it scores above (or below) its median, scored as for "
+            "users who never clicked a push (the holdout never receives pushes, so a policy keyed on push clicks "
+            "has no randomised outcome to learn from: `without_push_responses`). Value: "
             "conversions per decision; uplift per push: (value - value of never pushing) / share pushed, x 1,000. "
             "True: the simulator's P(convert | push) and P(convert | no push) of the same decisions. 95% intervals: "
             "bootstrap over users.",
