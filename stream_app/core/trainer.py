@@ -13,6 +13,7 @@ users, whose difference is the measured uplift.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -155,6 +156,10 @@ class Trainer:
         self.gates = {k: Gate(gate_margin, gate_window, gate_min_labels) for k in self.learners}
         # uplift campaigns' P(convert | push) learns pushed labels only: gated on pushed labels
         self._treated_only = {propensity_key(c.name) for c in campaigns if c.mode == "uplift"}
+        # positive labels waiting for their window to close: (closes at, sequence, record), per campaign's key
+        self.delayed: dict[str, list[tuple[int, int, dict[str, Any]]]] = {k: [] for k in self.learners}
+        self.watermark_ms = -(2**62)  # the newest label time seen
+        self.seq = 0
 
     def learn(self, record: dict[str, Any]) -> tuple[str, ...]:
         """Learn from one model-input record; return the keys of the models it changed (none if ignored)."""
@@ -167,6 +172,25 @@ class Trainer:
         campaign = self.campaigns.get(record.get("campaign", ""))
         if record.get("kind") != "label" or campaign is None:
             return ()  # a campaign removed from the config: its late labels are dropped
+        # Delayed feedback: a conversion is labelled when it happens, a non-conversion only when the window closes,
+        # so learning labels as they arrive sees the positives of the last window but not yet their negatives,
+        # and drifts high (simulator, random policy: mean prediction 0.082 vs 0.071 observed). A positive is
+        # therefore learned when its window closes, as its negatives are: every label in decision order.
+        key = propensity_key(campaign.name)
+        self.watermark_ms = max(self.watermark_ms, int(record["labelled_at_ms"]))
+        changed: list[str] = []
+        for c in self.campaigns.values():
+            delayed = self.delayed[propensity_key(c.name)]
+            while delayed and delayed[0][0] <= self.watermark_ms:
+                changed += self._learn_label(c, heapq.heappop(delayed)[2])
+        closes = int(record["decided_at_ms"]) + campaign.attribution_window_ms
+        if record["converted"] and closes > self.watermark_ms:
+            self.seq += 1
+            heapq.heappush(self.delayed[key], (closes, self.seq, record))
+            return tuple(dict.fromkeys([*changed, key]))  # its state (the buffer) changed; no new version yet
+        return tuple(dict.fromkeys([*changed, *self._learn_label(campaign, record)]))
+
+    def _learn_label(self, campaign: Campaign, record: dict[str, Any]) -> tuple[str, ...]:
         key = propensity_key(campaign.name)
         learner = self.learners[key]
         x, y = record["features"], bool(record["converted"])
@@ -227,7 +251,7 @@ class Trainer:
             return self.segments.to_params()
         if key in self.uplifts:
             return self._uplift_params(key, with_covariance=True)
-        return self.learners[key].to_params()
+        return {**self.learners[key].to_params(), "delayed": [r for _, _, r in sorted(self.delayed[key])]}
 
     def _uplift_params(self, key: str, with_covariance: bool) -> dict[str, Any]:
         campaign = self.campaigns[key.split(":", 1)[1]]
@@ -242,6 +266,11 @@ class Trainer:
                 self.uplifts[key] = UpliftLearner.from_params(params)
         elif key in self.learners:
             self.learners[key] = PropensityLearner.from_params(params)
+            campaign = self.campaigns[self.learners[key].campaign]
+            for record in params.get("delayed", []):
+                self.seq += 1
+                closes = int(record["decided_at_ms"]) + campaign.attribution_window_ms
+                heapq.heappush(self.delayed[key], (closes, self.seq, record))
             if params.get("version"):  # what workers serve: the successor gates against it
                 self.serving[key] = PropensityScorer.from_params(params)
 

@@ -390,7 +390,8 @@ def test_published_model_params_validate_before_and_after_segment_warm_up():
 def test_whatever_labels_the_trainer_learns_from_it_publishes_valid_params(labels):
     records = [
         {"kind": "label", "campaign": c, "decision_id": "0" * 24, "action": "push", "converted": y, "features": x,
-         "model_version": 0, "action_probability": 1.0, "segment": -1, "decided_at_ms": 0, "labelled_at_ms": 1}
+         "model_version": 0, "action_probability": 1.0, "segment": -1, "decided_at_ms": -(10**9),
+         "labelled_at_ms": 1}  # windows closed: the trainer learns positives once their window has closed
         for c, y, x in labels
     ]  # fmt: skip
     for record in records:

@@ -11,12 +11,15 @@ CAMPAIGNS, _ = load_campaigns()
 D = len(FEATURE_NAMES)
 
 
+DAY = 86_400_000  # labels a day apart: a positive is learned when its (24 h) window has closed, by the next label
+
+
 def label(rnd: random.Random, campaign="cart_abandonment", action="push", t=0, segment=0):
     x = [rnd.gauss(0, 1) for _ in range(D)]
     z = -2.0 + 2.0 * x[INDEX["log_rate_6h"]]
     y = rnd.random() < 1 / (1 + math.exp(-z))
     return {"kind": "label", "campaign": campaign, "action": action, "converted": y, "features": x,
-            "decided_at_ms": t, "labelled_at_ms": t + 3_600_000, "decision_id": f"d{rnd.random()}",
+            "decided_at_ms": t * DAY, "labelled_at_ms": t * DAY + 3_600_000, "decision_id": f"d{rnd.random()}",
             "segment": segment}  # fmt: skip
 
 
@@ -98,13 +101,13 @@ def test_uplift_campaigns_learn_the_uplift_and_target_it():
         caused = pushed and rec["features"][INDEX["log_rate_6h"]] > 0 and rnd.random() < 0.5
         rec["converted"], rec["attributed"] = caused or rnd.random() < 0.1, caused
         keys = trainer.learn(rec)
-        expected = (propensity_key("cart_abandonment"), uplift_key("cart_abandonment"))
-        assert keys == (expected if pushed else expected[1:])  # P(convert | push) learns pushed labels only
+        # P(convert | push) learns pushed labels only (a positive waits for its window: the next label's keys)
+        assert uplift_key("cart_abandonment") in keys or rec["converted"]
     published = trainer.due(now_ms=10_000)
     assert set(published) == {propensity_key("cart_abandonment"), uplift_key("cart_abandonment")}
     treated = PropensityScorer.from_params(published[propensity_key("cart_abandonment")])
     uplift = UpliftScorer.from_params(orjson.loads(orjson.dumps(published[uplift_key("cart_abandonment")])))
-    assert treated.n_labels == uplift.n_treated == uplift.n_control == 2000
+    assert treated.n_labels == uplift.n_treated and 1999 <= uplift.n_treated <= 2000 and uplift.n_control >= 1999
     assert "covariance" not in published[uplift_key("cart_abandonment")]["response"]  # the trainer's state only
 
     def uplift_decision(rate):
@@ -160,7 +163,7 @@ def test_uplift_by_segment_ranks_the_segment_a_push_moves_above_one_it_does_not(
         trainer.learn(rec)
     published = trainer.due(now_ms=10_000)
     uplift = UpliftScorer.from_params(orjson.loads(orjson.dumps(published[uplift_key("cart_abandonment")])))
-    assert uplift.n_labels == 8000 and uplift.version == 1 and uplift.n_attributed == 4000
+    assert uplift.n_labels >= 7999 and uplift.version == 1 and uplift.n_attributed >= 3999  # the last may wait
 
     def score(segment):
         return decide(user_id="u", profile=_profile(), features=[0.0] * D, segment=segment, campaign=cart,
@@ -197,3 +200,23 @@ def test_the_quality_gate_keeps_the_serving_version_when_a_new_one_scores_worse(
         trainer.learn(rec)
     assert trainer.due(now_ms=2) == {}  # refused: both scored these labels, the served version did better
     assert trainer.rejected[key] == 1 and key in trainer.dirty  # counted, and evaluated again next time
+
+
+def test_positives_are_learned_when_their_window_closes_and_survive_a_trainer_restart():
+    cart = next(c for c in CAMPAIGNS if c.name == "cart_abandonment")  # 24 h attribution window
+    key = propensity_key(cart.name)
+    trainer = Trainer((cart,), publish_every_ms=1)
+    rnd = random.Random(3)
+    pos = label(rnd, t=0)
+    pos["converted"], pos["labelled_at_ms"] = True, 3_600_000  # converted 1 h after the decision
+    assert trainer.learn(pos) == (key,)  # buffered: its state changed, nothing learned yet
+    assert trainer.learners[key].n_labels == 0 and not trainer.dirty
+    state = orjson.loads(orjson.dumps(trainer.state(key)))
+    assert len(state["delayed"]) == 1
+    successor = Trainer((cart,), publish_every_ms=1)
+    successor.restore(key, state)
+    for t in (trainer, successor):
+        neg = label(random.Random(4), t=0)
+        neg["converted"], neg["decided_at_ms"], neg["labelled_at_ms"] = False, 3_600_000, 3_600_000 + DAY
+        t.learn(neg)  # its window closed at 25 h: the positive's (24 h) closed before, so both are learned now
+        assert t.learners[key].n_labels == 2 and t.learners[key].n_positive == 1 and not t.delayed[key]
