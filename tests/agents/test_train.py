@@ -29,7 +29,7 @@ def label(i: int, converted: bool) -> bytes:
     return orjson.dumps({
         "kind": "label", "campaign": "cart_abandonment", "action": "push", "converted": converted,
         "features": [rnd.gauss(0, 1) for _ in FEATURE_NAMES], "decision_id": f"d{i}",
-        "decided_at_ms": 0, "labelled_at_ms": 60_000,
+        "decided_at_ms": -2 * 86_400_000, "labelled_at_ms": 60_000,  # the window has closed: learned at once
     })  # fmt: skip
 
 
