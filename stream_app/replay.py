@@ -131,7 +131,8 @@ class Replayer:
             campaigns=campaigns, guardrails=guardrails or Guardrails(), segment_sample_rate=settings.segment_sample_rate
         )
         self.models = models or ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
-        self.trainer = Trainer(trainer_campaigns or campaigns, settings.segments_k, settings.model_publish_interval_ms)
+        self.trainer = Trainer(trainer_campaigns or campaigns, settings.segments_k, settings.model_publish_interval_ms,
+                               decision_order=settings.trainer_decision_order)  # fmt: skip
         self.store = DictStore()
         self.engine = Engine(settings, self.config, self.store, self.models, Metrics.create())
         self.install = install or self.models.apply

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     campaigns_file: str = Field("", description="YAML/JSON campaign config; empty = the shipped default")
     segments_k: int = Field(6, ge=2, le=64)
     model_publish_interval_ms: int = Field(2000, ge=100, description="trainer publishes changed models this often")
+    trainer_decision_order: bool = Field(
+        False,
+        description="learn a positive label when its attribution window closes, as negatives are: labels in "
+        "decision order, calibrated (docs/models.md), but a conversion reaches the model a window later",
+    )
     segment_sample_rate: float = Field(
         0.25, ge=0, le=1, description="share of users' active days (UTC) whose traits train the segments"
     )

@@ -51,7 +51,11 @@ QUICK = EvalConfig(users=150, days=6, seeds=(1,), warmup_days=2, workers=1, boot
 def _task(args: tuple[str, int, EvalConfig]) -> RunResult:
     policy, seed, cfg = args
     sim = SimConfig(users=cfg.users, days=cfg.days, seed=seed)
-    return run(policy, sim, cfg.push_rate, segments_every_day=policy == "propensity")
+    from stream_app.settings import Settings
+
+    # the evaluated trainer learns labels in decision order (STREAM_APP_TRAINER_DECISION_ORDER, docs/models.md)
+    settings = Settings().model_copy(update={"trainer_decision_order": True})
+    return run(policy, sim, cfg.push_rate, settings=settings, segments_every_day=policy == "propensity")
 
 
 def run_all(cfg: EvalConfig) -> list[RunResult]:

@@ -205,7 +205,7 @@ def test_the_quality_gate_keeps_the_serving_version_when_a_new_one_scores_worse(
 def test_positives_are_learned_when_their_window_closes_and_survive_a_trainer_restart():
     cart = next(c for c in CAMPAIGNS if c.name == "cart_abandonment")  # 24 h attribution window
     key = propensity_key(cart.name)
-    trainer = Trainer((cart,), publish_every_ms=1)
+    trainer = Trainer((cart,), publish_every_ms=1, decision_order=True)
     rnd = random.Random(3)
     pos = label(rnd, t=0)
     pos["converted"], pos["labelled_at_ms"] = True, 3_600_000  # converted 1 h after the decision
@@ -213,7 +213,7 @@ def test_positives_are_learned_when_their_window_closes_and_survive_a_trainer_re
     assert trainer.learners[key].n_labels == 0 and not trainer.dirty
     state = orjson.loads(orjson.dumps(trainer.state(key)))
     assert len(state["delayed"]) == 1
-    successor = Trainer((cart,), publish_every_ms=1)
+    successor = Trainer((cart,), publish_every_ms=1, decision_order=True)
     successor.restore(key, state)
     for t in (trainer, successor):
         neg = label(random.Random(4), t=0)
