@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
 
 from stream_app.core.segments import SegmentModel, drift
-from stream_app.core.trainer import SEGMENTS_KEY, Trainer
+from stream_app.core.trainer import SEGMENTS_KEY, Trainer, check_state
 from stream_app.engine import Engine, Message, ModelStore, Record
 from stream_app.kafka_io import client_kwargs, partitions_of
 from stream_app.metrics import Metrics
@@ -234,7 +234,11 @@ class Worker:
             await trainer_state.ensure({0})
             for key, params in list(trainer_state.items()):
                 with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    trainer.restore(key, orjson.loads(params))
+                    state = orjson.loads(params)
+                    if (why := check_state(key, state)) is not None:  # a foreign record: start that model afresh
+                        log.warning("trainer state %s not restored: %s", key, why)
+                        continue
+                    trainer.restore(key, state)
             self.trainer_fresh = True
         batch: list[Record] = []
         results: list[str | None] = []
@@ -258,13 +262,20 @@ class Worker:
                     self.segment_writes += 1
                     if self.segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
                         trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
+            refused = trainer.rejected
             for name, params in trainer.due(int(msg.timestamp * 1000)).items():
-                value = orjson.dumps(params)
-                trainer_state.put(batch, name, value, 0)
-                batch.append((settings.model_params_topic, name.encode(), value, None))
+                # the changelog keeps the full learning state (posterior, buffered positives, the segment
+                # ring), not the published view: a successor trainer resumes learning exactly
+                learned.add(name)
+                batch.append((settings.model_params_topic, name.encode(), orjson.dumps(params), None))
                 m.models_published[(name,)].inc()
+            for name, n in trainer.rejected.items():
+                if n > refused[name]:  # the quality gate kept the served version (bounded: one per model key)
+                    m.models_rejected[(name,)].inc(n - refused[name])
             results.append(keys[0] if keys else None)
         for key in sorted(learned):  # after the batch's publications: the newest state of the key wins
+            if key == SEGMENTS_KEY:
+                self.segment_writes = 0
             trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
         done = (lambda: [self.engine.counted(settings.model_inputs_topic, c) for c in dead]) if dead else None
         await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else (), done=done)

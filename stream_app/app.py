@@ -25,7 +25,7 @@ from stream_app.core.pipeline import Config, Models
 from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers
 from stream_app.core.trainer import Trainer
-from stream_app.engine import Engine, ModelStore
+from stream_app.engine import Engine, ModelStore, build_trainer
 from stream_app.kafka_io import client_kwargs
 from stream_app.metrics import Metrics
 from stream_app.ordering import EventTimeMerge
@@ -126,7 +126,7 @@ def create_app(
     }
     users = ChangelogStore(settings, settings.users_changelog_topic, recover)
     trainer_state = ChangelogStore(settings, settings.trainer_changelog_topic, recover)
-    trainer = Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms)
+    trainer = build_trainer(settings, campaigns)
     outbox = Outbox(app)
     # the worker's clock bounds event time and the watermark (replay passes none); dead letters are counted
     # once the shell has sent them

@@ -30,7 +30,7 @@ from stream_app.core.pipeline import (
     set_consent,
     stored_due_ms,
 )
-from stream_app.core.policy import suppression_code
+from stream_app.core.policy import Campaign, suppression_code
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers, partition_for
@@ -92,6 +92,14 @@ class Message(NamedTuple):
     key: bytes | None
     value: bytes | None  # None: a tombstone
     timestamp_ms: int  # the Kafka record time: the reference for event-time bounds
+
+
+def build_trainer(settings: Settings, campaigns: tuple[Campaign, ...]) -> Trainer:
+    """The trainer as the settings configure it (the worker and replay alike, so replay decides as workers do)."""
+    return Trainer(campaigns, settings.segments_k, settings.model_publish_interval_ms,
+                   gate_margin=settings.model_gate_margin, gate_window=settings.model_gate_window,
+                   gate_min_labels=settings.model_gate_min_labels,
+                   decision_order=settings.trainer_decision_order)  # fmt: skip
 
 
 @dataclass

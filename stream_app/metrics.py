@@ -40,7 +40,7 @@ class Metrics:
     model_inputs_ignored: Counter
     models_published: dict[tuple[str], Counter]
     model_version: dict[tuple[str], Gauge]
-    models_rejected: dict[tuple[str], Gauge]
+    models_rejected: dict[tuple[str], Counter]
     model_log_loss: dict[tuple[str], Gauge]
     model_auc: dict[tuple[str], Gauge]
     label_delay: dict[tuple[str], Gauge]
@@ -134,6 +134,11 @@ class Metrics:
             Counter("stream_app_models_published_total", "Model versions published.", ["model"], registry=registry),
             ("model",),
         )
+        rejected_versions = _Children(
+            Counter("stream_app_model_versions_rejected_total",
+                    "Model versions the trainer's quality gate refused to publish.", ["model"], registry=registry),
+            ("model",),
+        )  # fmt: skip
         erased = Counter(
             "stream_app_events_of_erased_users_total", "Events of erased users, dropped unprocessed.", registry=registry
         )
@@ -218,11 +223,7 @@ class Metrics:
             model_inputs_ignored=ignored,
             models_published=published,
             model_version=gauge("stream_app_model_version", "Model version this worker scores with.", "model"),
-            models_rejected=gauge(
-                "stream_app_model_versions_rejected",
-                "Publications the quality gate refused since the trainer started (trainer.rejected).",
-                "model",
-            ),
+            models_rejected=rejected_versions,
             model_log_loss=gauge(
                 "stream_app_model_log_loss", "Progressive log loss on delayed labels (trainer).", "campaign"
             ),

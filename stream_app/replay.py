@@ -26,8 +26,7 @@ from stream_app.campaigns import load_campaigns
 from stream_app.core.pipeline import Config, Models
 from stream_app.core.policy import Campaign, Guardrails
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import Trainer
-from stream_app.engine import Engine, Message, ModelStore, Record
+from stream_app.engine import Engine, Message, ModelStore, Record, build_trainer
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
 
@@ -131,8 +130,7 @@ class Replayer:
             campaigns=campaigns, guardrails=guardrails or Guardrails(), segment_sample_rate=settings.segment_sample_rate
         )
         self.models = models or ModelStore(Models(SegmentModel(k=settings.segments_k), {}))
-        self.trainer = Trainer(trainer_campaigns or campaigns, settings.segments_k, settings.model_publish_interval_ms,
-                               decision_order=settings.trainer_decision_order)  # fmt: skip
+        self.trainer = build_trainer(settings, trainer_campaigns or campaigns)
         self.store = DictStore()
         self.engine = Engine(settings, self.config, self.store, self.models, Metrics.create())
         self.install = install or self.models.apply

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
         description="learn a positive label when its attribution window closes, as negatives are: labels in "
         "decision order, calibrated (docs/models.md), but a conversion reaches the model a window later",
     )
+    model_gate_margin: float = Field(
+        0.02,
+        ge=0,
+        le=10,
+        description="quality gate: a propensity version whose progressive log loss is worse than "
+        "the served version's by more than this share (relative) is not published (docs/models.md)",
+    )
+    model_gate_window: int = Field(500, ge=1, le=100_000, description="quality gate: recent labels compared")
+    model_gate_min_labels: int = Field(
+        200, ge=0, description="quality gate: labels scored by a served version before the gate can refuse"
+    )
     segment_sample_rate: float = Field(
         0.25, ge=0, le=1, description="share of users' active days (UTC) whose traits train the segments"
     )

@@ -287,6 +287,7 @@ LABEL_OPTIONAL = {"decision_id": str, "model_version": int, "action_probability"
                   "attributed": (bool, type(None))}  # fmt: skip
 
 
+MAX_TIME_MS = 2**53  # label times: a record whose times serialise as no 64-bit integer is no label
 MAX_MODEL_FEATURES = 256  # core/uplift.py's max_features: a linear model never knows more names
 INPUT_LIMITS = EventLimits(max_bytes=256 * 1024)
 
@@ -320,6 +321,13 @@ def parse_model_input(raw: bytes | None, limits: EventLimits = INPUT_LIMITS) -> 
         return obj
     if kind != "label":
         raise InvalidEvent("unknown_type", "kind must be label, segment_sample or flush")
+    check_label(obj)
+    return obj
+
+
+def check_label(obj: dict[str, Any]) -> None:
+    """Raise ``InvalidEvent`` unless ``obj`` is a label the trainer can learn from (or hold until its window
+    closes: held labels are part of the trainer's state and restored from its changelog)."""
     for name in LABEL_FIELDS:
         if name not in obj:
             raise InvalidEvent("missing_field", f"a label needs {name}")
@@ -334,7 +342,36 @@ def parse_model_input(raw: bytes | None, limits: EventLimits = INPUT_LIMITS) -> 
         raise InvalidEvent("wrong_type", f"features must be {len(FEATURE_NAMES)} finite numbers")
     if not -1 <= obj.get("segment", -1) <= 63:
         raise InvalidEvent("wrong_type", "segment must be in -1..63")
-    return obj
+    if not all(abs(obj[t]) <= MAX_TIME_MS for t in ("decided_at_ms", "labelled_at_ms")):
+        raise InvalidEvent("wrong_type", "decided_at_ms and labelled_at_ms must be epoch ms within +-2^53")
+
+
+def check_state(key: object, state: object) -> str | None:
+    """Why a record of the trainer's own changelog cannot be restored (a bounded code), or None if it can:
+    ``check_params`` for the state's model (version 0: never published; covariance, if present, checked too),
+    the segment model's sample ring and the positives a propensity model holds until their windows close.
+
+    >>> check_state("propensity:x", {"version": 0, "delayed": [{}]})
+    'wrong_type'
+    """
+    if (why := check_params(key, state, min_version=0)) is not None:
+        return why
+    assert isinstance(state, dict) and isinstance(key, str)  # checked above
+    if key == SEGMENTS_KEY and state["schema"] == TRAITS_SCHEMA:
+        buffer = state.get("buffer", [])
+        if not isinstance(buffer, list) or not all(_numbers(b, len(TRAIT_NAMES)) for b in buffer):
+            return "wrong_type"
+    delayed = state.get("delayed", [])
+    if not isinstance(delayed, list):
+        return "wrong_type"
+    for record in delayed:
+        if not isinstance(record, dict):
+            return "wrong_type"
+        try:
+            check_label(record)
+        except InvalidEvent as bad:
+            return bad.code
+    return None
 
 
 def _numbers(v: object, n: int | None = None) -> bool:

@@ -10,7 +10,10 @@ import pytest
 from stream_app.app import ModelStore, create_app
 from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES
 from stream_app.core.pipeline import Models
+from stream_app.core.propensity import PropensityLearner
 from stream_app.core.segments import SegmentModel
+from stream_app.core.trainer import Gate, check_state
+from stream_app.engine import build_trainer
 from stream_app.settings import Settings
 
 T0 = 1_700_000_000
@@ -57,9 +60,9 @@ async def test_labels_train_persist_and_publish_new_versions(sa):
 
 def test_the_model_store_installs_only_newer_versions():
     store = ModelStore(Models(SegmentModel(k=2), {}))
-    params = {"campaign": "c", "version": 3, "weights": [0.0] * len(FEATURE_NAMES), "intercept": 1.0,
-              "mean": [0.0] * len(FEATURE_NAMES), "scales": [1.0] * len(FEATURE_NAMES), "prior": 0.02,
-              "n_labels": 500, "min_labels": 100, "features": list(FEATURE_NAMES)}  # fmt: skip
+    learner = PropensityLearner("c", 0.02, 100)
+    learner.learn_one([1.0] * len(FEATURE_NAMES), True)
+    params = learner.to_params(with_covariance=False) | {"version": 3, "intercept": 1.0}
     store.apply("propensity:c", params)
     assert store.current.scorers["c"].version == 3
     store.apply("propensity:c", params | {"version": 2, "intercept": -5.0})
@@ -74,3 +77,53 @@ def test_the_model_store_installs_only_newer_versions():
     stale = seg.to_params() | {"version": 2, "schema": "", "centroids": [[0.0] * len(FEATURE_NAMES)] * 2}
     store.apply("segments", stale)
     assert store.current.segments.version == 1 and store.current.segments.predict_one([5.0] * len(TRAIT_NAMES)) >= 0
+
+
+def positive(i: int, decided_at_ms: int) -> bytes:
+    """A conversion 1 h after its decision: with decision order, held until the 24 h window closes."""
+    rec = orjson.loads(label(i, True)) | {"decided_at_ms": decided_at_ms, "labelled_at_ms": decided_at_ms + 3_600_000}
+    return orjson.dumps(rec)
+
+
+async def test_the_changelog_keeps_the_full_learning_state_when_a_version_is_published(tmp_path):
+    """A publication in a batch that learned nothing (a flush) once wrote the published view to the changelog,
+    dropping the posterior's covariance and the held positives: a successor trainer lost them."""
+    settings = Settings(app_id="train-state", datadir=str(tmp_path), model_publish_interval_ms=1000,
+                        processing_guarantee="at_least_once", trainer_decision_order=True)  # fmt: skip
+    sa = create_app(settings, recover=False)
+    sa.outbox.flush = AsyncMock()
+    key = "propensity:cart_abandonment"
+    async with sa.train.test_context() as agent:
+        await agent.put(label(0, False), key=b"cart_abandonment", timestamp=T0)  # published at once (version 1)
+        await agent.put(positive(1, 0), key=b"cart_abandonment", timestamp=T0 + 0.1)  # held, state changed
+        await agent.put(label(2, False), key=b"cart_abandonment", timestamp=T0 + 0.2)
+        await agent.put(b'{"kind": "flush"}', key=b"flush", timestamp=T0 + 5)  # publishes version 2, learns nothing
+        state = sa.trainer_state[key]
+    published = [orjson.loads(v) for (batch,), _ in sa.outbox.flush.await_args_list
+                 for t, k, v, _ in batch if t == settings.model_params_topic and k == key.encode()]  # fmt: skip
+    assert [p["version"] for p in published] == [1, 2]
+    assert "covariance" not in published[-1]["posterior"] and "delayed" not in published[-1]
+    assert state["version"] == 2 and len(state["delayed"]) == 1 and "covariance" in state["posterior"]
+    assert check_state(key, state) is None
+    successor = build_trainer(settings, tuple(sa.trainer.campaigns.values()))
+    successor.restore(key, state)
+    assert orjson.dumps(successor.state(key)) == orjson.dumps(sa.trainer.state(key))  # resumes exactly
+
+
+class Refusing(Gate):
+    def passes(self) -> bool:
+        self.rejected += 1
+        return False
+
+
+async def test_a_version_the_quality_gate_refuses_is_counted_and_not_published(sa):
+    key = "propensity:cart_abandonment"
+    sa.trainer.gates[key] = Refusing()
+    async with sa.train.test_context() as agent:
+        for i in range(4):  # 1.5 s apart: every label is a due publication of the changed model
+            await agent.put(label(i, i % 2 == 0), key=b"cart_abandonment", timestamp=T0 + 1.5 * i)
+    published = [k for (batch,), _ in sa.outbox.flush.await_args_list
+                 for t, k, _, _ in batch if t == sa.settings.model_params_topic]  # fmt: skip
+    assert key.encode() not in published
+    assert sa.metrics.models_rejected[(key,)]._value.get() == sa.trainer.rejected[key] == 4
+    assert sa.trainer_state[key]["n_labels"] == 4  # learning goes on; the served version stays

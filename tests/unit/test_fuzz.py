@@ -25,7 +25,7 @@ from stream_app.core.features import FEATURE_NAMES, TRAIT_NAMES, feature_dict
 from stream_app.core.pipeline import Config, Models
 from stream_app.core.propensity import PropensityLearner, PropensityScorer
 from stream_app.core.segments import SegmentModel
-from stream_app.core.trainer import Trainer, check_params, uplift_key
+from stream_app.core.trainer import Trainer, check_state, uplift_key
 from stream_app.core.uplift import UpliftLearner, uplift_params
 from stream_app.engine import ERASED, Engine, Message, ModelStore, decode_state
 from stream_app.metrics import REJECT_CODES, Metrics
@@ -297,7 +297,7 @@ JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dict
 @settings(max_examples=300, deadline=None)
 def test_the_trainer_never_stops_on_its_inputs(records):
     engine = Engine(SETTINGS, CONFIG, DictStore(), ModelStore(MODELS), Metrics.create())
-    trainer, rejected = Trainer((*CAMPAIGNS, UPLIFT), segments_k=3, publish_every_ms=1), 0
+    trainer, rejected = Trainer((*CAMPAIGNS, UPLIFT), segments_k=3, publish_every_ms=1, decision_order=True), 0
     for i, record in enumerate(records):
         CASES["records"] += 1
         raw = record if isinstance(record, bytes | None) else encode(record)
@@ -310,9 +310,13 @@ def test_the_trainer_never_stops_on_its_inputs(records):
             rejected += 1
         trainer.due(i)  # publishing what was learned never raises either
     assert f"propensity:{LABEL['campaign']}" in trainer.learn(LABEL | {"converted": False})  # and it still learns
-    assert uplift_key(UPLIFT.name) in trainer.learn(UPLIFT_LABEL)
-    for key in trainer.learners | trainer.uplifts:  # its state persists and is what a successor may restore
-        assert check_params(key, trainer.state(key), min_version=0) is None, key
+    assert uplift_key(UPLIFT.name) in trainer.learn(UPLIFT_LABEL | {"converted": False})
+    for key in [*trainer.learners, *trainer.uplifts, "segments"]:  # its persisted state is what a successor restores
+        state = orjson.loads(orjson.dumps(trainer.state(key)))
+        assert check_state(key, state) is None, key
+        successor = Trainer((*CAMPAIGNS, UPLIFT), segments_k=3, publish_every_ms=1, decision_order=True)
+        successor.restore(key, state)
+        assert orjson.dumps(successor.state(key)) == orjson.dumps(state)
     assert sum(c._value.get() for c in engine.metrics.model_inputs_rejected.values()) == rejected
 
 
