@@ -32,6 +32,7 @@ WEEK_MS = 7 * DAY_MS
 # features that differ between pushed and holdout users by construction (a holdout user never clicks a push):
 # the uplift model's transformed-outcome part must not use them (see core/uplift.py)
 PUSH_RESPONSE_FEATURES = ("log_push_clicks", "push_click_rate", "log_hours_since_push_click")
+RESPONSE_HISTORY = ("clicked_push", "unanswered_pushes")  # derived in feature_dict for the uplift learner
 INDEX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 NEVER_HOURS = 24 * 365.0  # recency of something that never happened: a year, not infinity
 
@@ -93,12 +94,21 @@ def feature_dict(features: Sequence[float], segment: int) -> dict[str, float]:
     """The named features and the user's segment (one-hot), as the uplift learner reads them.
 
     >>> d = feature_dict([0.0] * len(FEATURE_NAMES), 3)
-    >>> d["segment_3"], len(d) == len(FEATURE_NAMES) + 1
+    >>> d["segment_3"], len(d) == len(FEATURE_NAMES) + 1 + len(RESPONSE_HISTORY)
     (1.0, True)
     """
     out = dict(zip(FEATURE_NAMES, features, strict=True))
     out[f"segment_{segment}"] = 1.0
+    out.update(_response_history(out))
     return out
+
+
+def _response_history(x: dict[str, float]) -> dict[str, float]:
+    """The user's push history as the uplift learner reads it: whether any push was clicked, and how many were not
+    (linear: each unanswered push lowers the odds that a push moves this user by about the same factor)."""
+    pushes = round(math.expm1(x["log_pushes"]))
+    clicks = round(math.expm1(x["log_push_clicks"]))
+    return {"clicked_push": float(clicks > 0), "unanswered_pushes": float(min(max(pushes - clicks, 0), 50))}
 
 
 def without_push_responses(x: dict[str, float]) -> dict[str, float]:
@@ -109,7 +119,8 @@ def without_push_responses(x: dict[str, float]) -> dict[str, float]:
     >>> without_push_responses({"log_push_clicks": 1.2, "log_clicks": 2.0})["log_push_clicks"]
     0.0
     """
-    return {**x, "log_push_clicks": 0.0, "push_click_rate": 0.0, "log_hours_since_push_click": math.log1p(NEVER_HOURS)}
+    y = {**x, "log_push_clicks": 0.0, "push_click_rate": 0.0, "log_hours_since_push_click": math.log1p(NEVER_HOURS)}
+    return y | _response_history(y) if "clicked_push" in x else y
 
 
 def _local_weekday(ts_ms: int, tz_offset_min: int | None) -> int:

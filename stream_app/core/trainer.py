@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_app.core.events import EventLimits, InvalidEvent, decode_object
-from stream_app.core.features import FEATURE_NAMES, PUSH_RESPONSE_FEATURES, TRAIT_NAMES, TRAITS_SCHEMA, feature_dict
+from stream_app.core.features import (
+    FEATURE_NAMES,
+    PUSH_RESPONSE_FEATURES,
+    RESPONSE_HISTORY,
+    TRAIT_NAMES,
+    TRAITS_SCHEMA,
+    feature_dict,
+)
 from stream_app.core.pipeline import Campaign
 from stream_app.core.propensity import PropensityLearner, PropensityScorer
 from stream_app.core.segments import SegmentModel
@@ -39,7 +46,7 @@ UPLIFT_RESIDUAL_STRENGTH = 1000.0  # labels of shrinkage on the transformed-outc
 # ~700 holdout labels per 1,500 users x 4 weeks a residual on all features fitted noise (simulator, seed 1-2,
 # random policy's labels after warm-up: true uplift of the top-scored 20% 64/62 per 1,000 with every feature,
 # 73/75 with the segment only). PUSH_RESPONSE_FEATURES differ between the arms anyway and must never be in it.
-UPLIFT_RESIDUAL_EXCLUDE = tuple(dict.fromkeys((*PUSH_RESPONSE_FEATURES, *FEATURE_NAMES)))
+UPLIFT_RESIDUAL_EXCLUDE = tuple(dict.fromkeys((*PUSH_RESPONSE_FEATURES, *RESPONSE_HISTORY, *FEATURE_NAMES)))
 
 
 def propensity_key(campaign: str) -> str:
@@ -267,6 +274,8 @@ class Trainer:
         elif key in self.uplifts:
             if params.get("kind") == "uplift_learner":  # else an older trainer's per-segment counts: start afresh
                 self.uplifts[key] = UpliftLearner.from_params(params)
+                # a state saved before RESPONSE_HISTORY existed: its residual must not start reading them either
+                self.uplifts[key].exclude |= frozenset(UPLIFT_RESIDUAL_EXCLUDE)
         elif key in self.learners:
             self.learners[key] = PropensityLearner.from_params(params)
             campaign = self.campaigns[self.learners[key].campaign]

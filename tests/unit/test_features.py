@@ -29,3 +29,14 @@ def test_recency_and_activity_decay_with_event_time_only():
     assert late[INDEX["log_rate_6h"]] < soon[INDEX["log_rate_6h"]]
     assert extract_features(p, HOUR_MS) == soon  # pure: same profile and time, same vector
     assert soon[INDEX["log_hours_since_payment"]] == math.log1p(24 * 365)  # never paid
+
+
+def test_the_uplift_learner_reads_the_push_history_and_ope_reads_it_as_never_clicked():
+    from stream_app.core.features import INDEX, feature_dict, without_push_responses
+
+    x = [0.0] * len(FEATURE_NAMES)
+    x[INDEX["log_pushes"]], x[INDEX["log_push_clicks"]] = math.log1p(5), math.log1p(2)
+    d = feature_dict(x, 1)
+    assert (d["clicked_push"], d["unanswered_pushes"]) == (1.0, 3.0)
+    never = without_push_responses(d)
+    assert (never["clicked_push"], never["unanswered_pushes"]) == (0.0, 5.0)
