@@ -30,16 +30,9 @@ from functools import lru_cache
 from typing import Any
 
 from stream_app.core.features import FEATURE_NAMES
-from stream_app.core.uplift import OnlineLogit
+from stream_app.core.uplift import OnlineLogit, _sigmoid
 
 Features = Sequence[float] | Mapping[str, float]
-
-
-def _sigmoid(z: float) -> float:
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
 
 
 class PropensityLearner:
