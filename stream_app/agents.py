@@ -57,7 +57,6 @@ class Worker:
     trainer_fresh: bool = False  # the trainer's in-memory state matches its changelog only while it owns it
     to_check: set[TP] = field(default_factory=set)  # the last assignment, until check_assignment has run
     _tasks: set[asyncio.Task] = field(default_factory=set)
-    segment_writes: int = 0
     models_caught_up: bool = False  # the model versions published before this worker started are read (/readyz)
     models_detail: str = "reading model-params"
     loading: asyncio.Lock = field(default_factory=asyncio.Lock)  # the readiness timer and batches both load
@@ -255,13 +254,9 @@ class Worker:
                 dead.append(orjson.loads(batch[-1][2])["error_code"])
                 results.append(None)
                 continue
-            for key in keys:
-                if key != SEGMENTS_KEY:
-                    learned.add(key)
-                else:
-                    self.segment_writes += 1
-                    if self.segment_writes % 50 == 0:  # samples are many; a crash loses at most 49 of them
-                        trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
+            # segment samples are many and the segment state carries its ring of recent samples (~0.8 MB): it
+            # is persisted at its publications only, at most once per publish interval
+            learned.update(k for k in keys if k != SEGMENTS_KEY)
             refused = trainer.rejected
             for name, params in trainer.due(int(msg.timestamp * 1000)).items():
                 # the changelog keeps the full learning state (posterior, buffered positives, the segment
@@ -274,8 +269,6 @@ class Worker:
                     m.models_rejected[(name,)].inc(n - refused[name])
             results.append(keys[0] if keys else None)
         for key in sorted(learned):  # after the batch's publications: the newest state of the key wins
-            if key == SEGMENTS_KEY:
-                self.segment_writes = 0
             trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
         done = (lambda: [self.engine.counted(settings.model_inputs_topic, c) for c in dead]) if dead else None
         await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else (), done=done)

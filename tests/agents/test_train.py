@@ -127,3 +127,14 @@ async def test_a_version_the_quality_gate_refuses_is_counted_and_not_published(s
     assert key.encode() not in published
     assert sa.metrics.models_rejected[(key,)]._value.get() == sa.trainer.rejected[key] == 4
     assert sa.trainer_state[key]["n_labels"] == 4  # learning goes on; the served version stays
+
+
+async def test_the_segment_state_with_its_ring_is_persisted_when_the_segments_are_published(sa):
+    sample = orjson.dumps({"kind": "segment_sample", "schema": "traits-v1", "traits": [0.5] * len(TRAIT_NAMES)})
+    async with sa.train.test_context() as agent:
+        await agent.put(sample, key=b"segments", timestamp=T0)  # published at once: version 1
+        await agent.put(sample, key=b"segments", timestamp=T0 + 0.1)  # learned, not yet published or persisted
+        assert sa.trainer_state["segments"]["n"] == 1
+        await agent.put(b'{"kind": "flush"}', key=b"flush", timestamp=T0 + 5)
+        state = sa.trainer_state["segments"]
+    assert state["version"] == 2 and state["n"] == 2 and len(state["buffer"]) == 2  # the ring, not the published view
