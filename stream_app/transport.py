@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.sensors.prometheus import PrometheusMonitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -146,8 +146,6 @@ class EndOffsets:
 
     async def read(self, tps: list[TP]) -> dict[TP, int]:
         """``tps``' end offsets now (one ListOffsets request per partition leader)."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
         if not tps:
             return {}
         if self._client is None:
