@@ -14,6 +14,7 @@ SHORT = {
     "state_equals_replay": "state",
     "every_input_accounted_once": "accounted",
     "decisions_equal_replay": "decisions",
+    "trainer_equals_fold": "trainer",
     "lag_zero": "lag 0",
     "reported_lag_zero": "reported lag 0",
     "no_worker_crash": "no crash",
@@ -55,8 +56,9 @@ def markdown(res: dict[str, Any]) -> str:
         "## Runs",
         "",
         "| scenario | guarantee | run | " + " | ".join(heads) + " | dup push/audit/DL/label | applied twice / lost "
-        "| decision diffs unexplained of all (missing/extra/action/segment) | recover s | wall s |",
-        "|" + "---|" * (len(heads) + 8),
+        "| decision diffs unexplained of all (missing/extra/action/segment) | by version / after one / checked exactly "
+        "| recover s | wall s |",
+        "|" + "---|" * (len(heads) + 9),
     ]
     for r in res["runs"]:
         if "error" in r and "invariants" not in r:
@@ -73,7 +75,9 @@ def markdown(res: dict[str, Any]) -> str:
             f" | {num['events_applied_twice']}/{num['events_lost']}"
             f" | {num.get('decision_differences_unexplained', '?')} of {num['decision_differences']}"
             f" ({d['missing']}/{d['extra']}/{d['action_differs']}/"
-            f"{d['segment_differs']}) | {rec} | {r['wall_s']} |"
+            f"{d['segment_differs']}) | {d.get('of_which_other_model_version', '?')} / "
+            f"{d.get('of_which_after_earlier_difference', '?')} / {d.get('checked_exactly', '?')}"
+            f" | {rec} | {r['wall_s']} |"
         )
     lines += ["", "## Evidence of failing runs", ""]
     for r in res["runs"]:

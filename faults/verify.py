@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from stream_app.campaigns import load_campaigns
+from stream_app.core.events import InvalidEvent
+from stream_app.core.pipeline import Models
+from stream_app.core.segments import SegmentModel
+from stream_app.core.trainer import parse_model_input
+from stream_app.engine import ModelStore, build_trainer
 from stream_app.kafka_io import latest_by_key, partitions_of
 from stream_app.replay import Replayer, to_message
 from stream_app.settings import Settings
@@ -29,6 +37,8 @@ from stream_app.settings import Settings
 EXAMPLES = 5  # example records kept per violation
 # the invariants that are about duplicate outputs: the only ones at_least_once may break
 DUPLICATE_INVARIANTS = ("no_duplicate_pushes", "no_duplicate_audit", "no_duplicate_dead_letters", "no_duplicate_labels")
+# what at_least_once may break: duplicate outputs, and the trainer learning a redelivered input again
+AT_MOST_ONCE_INVARIANTS = (*DUPLICATE_INVARIANTS, "trainer_equals_fold")
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,7 @@ class Reference:
     dead_letters: collections.Counter = field(default_factory=collections.Counter)  # (topic kind, code, value)
     labels: set[str] = field(default_factory=set)
     segment_samples: int = 0
+    unavailable: int = 0  # guided: model versions the decisions name that the model-params topic does not hold
     users: dict[str, Any] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -188,6 +199,72 @@ def compute_reference(envelopes: list[dict], settings: Settings) -> Reference:
         else:
             ref.segment_samples += 1
     ref.seconds = round(time.monotonic() - t0, 1)
+    return ref
+
+
+@dataclass(frozen=True)
+class GuidedModels(Models):
+    """Models that decide each (user, trigger) with the versions the worker recorded for it.
+
+    A worker scores with the versions that reached it over Kafka, and its trainer learns in the order model
+    inputs reached it: a version number names another model in replay. Replaying each decision with the very
+    models the worker says it used (their parameters read back from the model-params topic) leaves nothing to
+    explain by model timing: the same input, state and models must give the same decision."""
+
+    pick: Callable[[str, str], Models] | None = None
+
+    def for_decision(self, user_id: str, trigger: str) -> Models:
+        return self.pick(user_id, trigger) if self.pick is not None else self
+
+
+def guided_reference(envelopes: list[dict], settings: Settings, audit: list[Rec], params: list[Rec]) -> Reference:
+    """Replay the envelopes with, for every trigger the worker decided on, the model versions it recorded
+    (``segment_version`` and each campaign's ``model_version``); triggers the worker did not decide on use
+    cold models. ``unavailable``: decisions whose versions the model-params topic no longer holds."""
+    campaigns = {c.name: c for c in load_campaigns(settings.campaigns_file or None)[0]}
+    published: dict[tuple[str, int], dict] = {}
+    for r in params:
+        with contextlib.suppress(Exception):
+            p = orjson.loads(r.value)
+            published[(r.key.decode(), int(p["version"]))] = p
+    used: dict[tuple[str, str], dict[str, int]] = collections.defaultdict(dict)
+    for r in audit:
+        d = orjson.loads(r.value)
+        v = used[(d["user_id"], d["trigger_event_id"])]
+        v["segments"] = d.get("segment_version", 0)
+        c = campaigns.get(d["campaign"])
+        v[f"{'uplift' if c is not None and c.mode == 'uplift' else 'propensity'}:{d['campaign']}"] = d["model_version"]
+    cold = Models(SegmentModel(k=settings.segments_k), {})
+    built: dict[tuple, Models] = {}
+    unavailable: set[tuple[str, int]] = set()
+
+    def pick(user_id: str, trigger: str) -> Models:
+        versions = used.get((user_id, trigger))
+        if not versions:
+            return cold
+        ident = tuple(sorted(versions.items()))
+        if ident not in built:
+            store = ModelStore(cold)
+            for key, version in ident:
+                if version == 0:
+                    continue  # never published: the cold model
+                if (key, version) not in published:
+                    unavailable.add((key, version))
+                    continue
+                store.apply(key, published[(key, version)])
+            built[ident] = store.current
+        return built[ident]
+
+    replayer = Replayer(settings, models=ModelStore(GuidedModels(cold.segments, {}, pick=pick)),
+                        install=lambda key, params: None)  # fmt: skip
+    for i, env in enumerate(envelopes):
+        replayer.feed(to_message(orjson.dumps(env), i, replayer.settings))
+    ref, records = Reference(), replayer.finish().records
+    for v in records["audit"]:
+        d = orjson.loads(v)
+        ref.audit[d["decision_id"]] = d
+    ref.pushes = {orjson.loads(v)["decision_id"] for v in records["decisions"]}
+    ref.unavailable = len(unavailable)
     return ref
 
 
@@ -228,8 +305,9 @@ def _state_view(v: Any) -> dict[str, Any]:
     return {"exists": True, "erased": False, "opted_out": v.get("o"), "counts": p.get("c"), "spend_total": p.get("st")}
 
 
-def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings) -> dict[str, Any]:
-    """Check every invariant of the outputs against the reference; returns invariants and their numbers."""
+def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings, guided: Reference | None = None) -> dict[str, Any]:
+    """Check every invariant of the outputs against the reference; returns invariants and their numbers.
+    ``guided`` (``guided_reference``): decisions are compared with it, score included, instead of ``ref``."""
     kinds = topic_kinds(s)
     inv: dict[str, bool] = {}
     num: dict[str, Any] = {}
@@ -300,44 +378,59 @@ def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings) -> dict[str,
     for r in out["audit"]:
         d = orjson.loads(r.value)
         audit.setdefault(d["decision_id"], d)
-    missing = set(ref.audit) - set(audit)
-    extra = set(audit) - set(ref.audit)
-    common = set(audit) & set(ref.audit)
-    action = [i for i in common if audit[i]["action"] != ref.audit[i]["action"]]
-    segment = [i for i in common if audit[i]["segment"] != ref.audit[i]["segment"]]
-    other_version = sum(
-        1 for i in set(action) | set(segment) if audit[i]["model_version"] != ref.audit[i]["model_version"]
-    )
+    dref = guided or ref
+    missing = set(dref.audit) - set(audit)
+    extra = set(audit) - set(dref.audit)
+    common = set(audit) & set(dref.audit)
+    action = [i for i in common if audit[i]["action"] != dref.audit[i]["action"]]
+    segment = [i for i in common if audit[i]["segment"] != dref.audit[i]["segment"]]
+    score = [i for i in common if guided is not None and audit[i]["score"] != dref.audit[i]["score"]]
+    causes = explain_differences(audit, dref.audit, missing, extra, set(action) | set(segment) | set(score))
     pushes = {orjson.loads(r.value)["decision_id"] for r in out["decisions"]}
     num["decisions"] = {
         "audit_kafka": len(audit),
-        "audit_replay": len(ref.audit),
+        "audit_replay": len(dref.audit),
         "pushes_kafka": len(pushes),
-        "pushes_replay": len(ref.pushes),
+        "pushes_replay": len(dref.pushes),
         "missing": len(missing),
         "extra": len(extra),
         "action_differs": len(action),
         "segment_differs": len(segment),
-        "of_which_other_model_version": other_version,
-        "pushes_missing": len(ref.pushes - pushes),
-        "pushes_extra": len(pushes - ref.pushes),
+        "score_differs": len(score),
+        "guided_by_recorded_versions": guided is not None,
+        "versions_unavailable": guided.unavailable if guided is not None else 0,
+        "of_which_other_model_version": causes["model_versions"],
+        "of_which_after_earlier_difference": causes["after_earlier_difference"],
+        "checked_exactly": causes["checked_exactly"],
+        "pushes_missing": len(dref.pushes - pushes),
+        "pushes_extra": len(pushes - dref.pushes),
         "missing_by_campaign_action": dict(
-            collections.Counter(f"{ref.audit[i]['campaign']}/{ref.audit[i]['action']}" for i in missing)
+            collections.Counter(f"{dref.audit[i]['campaign']}/{dref.audit[i]['action']}" for i in missing)
         ),
         "extra_by_campaign_action": dict(
             collections.Counter(f"{audit[i]['campaign']}/{audit[i]['action']}" for i in extra)
         ),
-        "action_changes": dict(collections.Counter(f"{ref.audit[i]['action']}->{audit[i]['action']}" for i in action)),
+        "action_changes": dict(collections.Counter(f"{dref.audit[i]['action']}->{audit[i]['action']}" for i in action)),
     }
-    num["decision_differences"] = len(missing) + len(extra) + len(set(action) | set(segment))
-    # a worker scores with the model versions that reached it over Kafka (its trainer publishes on record time),
-    # replay with the version published on event time: actions and segments may differ where the version
-    # differs (README, Replay without Kafka). Missing or extra decisions, and any difference under the same
-    # version, are not explained by that.
-    num["decision_differences_unexplained"] = num["decision_differences"] - other_version
-    ev["decisions_missing"] = [ref.audit[i] | {"top_contributions": None} for i in sorted(missing)[:EXAMPLES]]
+    num["decision_differences"] = len(missing) + len(extra) + len(set(action) | set(segment) | set(score))
+    # Unguided, a worker scores with the model versions that reached it over Kafka (its trainer publishes on record
+    # time), replay with the versions published on event time: a decision may differ where a version differs
+    # (README, Replay without Kafka), and so may the user's later decisions (their caps, cooldowns and fatigue
+    # follow from what was pushed). Guided, replay decides with the worker's recorded versions, so no difference,
+    # score included, is explained by model timing.
+    num["decision_differences_unexplained"] = len(causes["unexplained"])
+    ev["decisions_unexplained"] = [
+        {
+            "kafka": audit.get(i, {}) | {"top_contributions": None},
+            "replay": dref.audit.get(i, {}) | {"top_contributions": None},
+        }
+        for i in sorted(causes["unexplained"])[:EXAMPLES]
+    ]
+    ev["decisions_missing"] = [dref.audit[i] | {"top_contributions": None} for i in sorted(missing)[:EXAMPLES]]
     ev["decisions_extra"] = [audit[i] | {"top_contributions": None} for i in sorted(extra)[:EXAMPLES]]
-    inv["decisions_equal_replay"] = num["decision_differences_unexplained"] == 0
+    inv["decisions_equal_replay"] = (
+        num["decision_differences_unexplained"] == 0 and not num["decisions"]["versions_unavailable"]
+    )
 
     # labels and segment samples vs replay
     label_ids = {orjson.loads(r.value)["decision_id"] for r in labels}
@@ -350,7 +443,95 @@ def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings) -> dict[str,
         "segment_samples_kafka": samples,
         "segment_samples_replay": ref.segment_samples,
     }
+    # the trainer's persisted learning state vs a fold of every committed model input, in topic order
+    num["trainer"], ev["trainer"] = compare_trainer(out["model_inputs"], out["trainer"], s)
+    inv["trainer_equals_fold"] = num["trainer"]["differing_keys"] == 0
     return {"invariants": inv, "numbers": num, "evidence": ev}
+
+
+def _learning(state: dict) -> dict:
+    """A trainer state record without its published version count (which follows record time, not input)."""
+    return {k: v for k, v in state.items() if k != "version"}
+
+
+def compare_trainer(model_inputs: list[Rec], changelog: list[Rec], s: Settings) -> tuple[dict, list]:
+    """Fold the committed model inputs through a fresh trainer, as the worker's trainer learns them, and compare
+    every model's learning state (weights, counts, buffered positives, the segment ring) with the latest record
+    of the trainer's changelog. A trainer that lost an input after a fault, or learned one twice, differs."""
+    trainer = build_trainer(s, load_campaigns(s.campaigns_file or None)[0])
+    keys: set[str] = set()
+    for r in sorted(model_inputs, key=lambda r: (r.partition, r.offset)):
+        try:
+            record = parse_model_input(r.value)
+        except InvalidEvent:
+            continue  # dead-lettered by the trainer, as counted above
+        keys.update(trainer.learn(record))
+    want = {k: _learning(v) for k, v in trainer.states(sorted(keys))}
+    got = {
+        orjson.loads(k): _learning(orjson.loads(v))
+        for k, v in latest_by_key((r.key, r.value) for r in changelog).items()
+        if v is not None
+    }
+    differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    evidence = [
+        {
+            "key": k,
+            "fields": sorted(
+                f for f in set(want.get(k, {})) | set(got.get(k, {})) if want.get(k, {}).get(f) != got.get(k, {}).get(f)
+            ),
+        }
+        for k in differ[:EXAMPLES]
+    ]
+    return {"keys": len(want), "differing_keys": len(differ), "inputs": len(model_inputs)}, evidence
+
+
+def _versions(d: dict) -> tuple[int, int]:
+    return (d["model_version"], d.get("segment_version", 0))
+
+
+def explain_differences(kafka: dict[str, dict], replay: dict[str, dict], missing: set[str], extra: set[str],
+                        differ: set[str]) -> dict[str, Any]:  # fmt: skip
+    """Name the cause of each differing decision, per user in decision time order.
+
+    ``model_versions``: both sides decided it, with another model or segment model version (the decision records
+    both). ``after_earlier_difference``: a missing, extra or differing decision of the same user came at or before
+    it, explained itself, so the user's push history (caps, cooldowns, fatigue features) legitimately differs.
+    ``unexplained``: anything else, above all a user's *first* difference under the same versions.
+
+    >>> d = lambda a, v, t: {"user_id": "u", "action": a, "model_version": v, "segment_version": 1, "decided_at_ms": t}
+    >>> c = explain_differences({"a": d("push", 2, 1), "b": d("push", 3, 2)}, {"a": d("suppress", 3, 1),
+    ...                         "b": d("suppress", 3, 2)}, set(), set(), {"a", "b"})
+    >>> c["model_versions"], c["after_earlier_difference"], c["unexplained"]
+    (1, 1, set())
+    >>> explain_differences({"b": d("push", 3, 2)}, {"b": d("suppress", 3, 2)}, set(), set(), {"b"})["unexplained"]
+    {'b'}
+    """
+    by_user: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
+    for i in set(kafka) | set(replay):
+        d = kafka.get(i) or replay[i]
+        rank = 0 if i in missing or i in extra or i not in differ else 1  # at equal times: a cause first
+        by_user[d["user_id"]].append((d["decided_at_ms"], rank, i))
+    out: dict[str, Any] = {"model_versions": 0, "after_earlier_difference": 0, "checked_exactly": 0,
+                           "unexplained": set()}  # fmt: skip
+    for decisions in by_user.values():
+        diverged_at = None  # decision time of the user's first explained difference
+        for t, _, i in sorted(decisions):
+            both = i not in missing and i not in extra
+            same_versions = both and _versions(kafka[i]) == _versions(replay[i])
+            cascade = diverged_at is not None and diverged_at <= t
+            if both and same_versions and not cascade:
+                out["checked_exactly"] += 1  # the same inputs, so the same decision
+            if i not in differ and both:
+                continue
+            if both and not same_versions:
+                out["model_versions"] += 1
+            elif cascade:
+                out["after_earlier_difference"] += 1
+            else:
+                out["unexplained"].add(i)
+                continue
+            diverged_at = t if diverged_at is None else diverged_at
+    return out
 
 
 async def read_outputs(bootstrap: str, s: Settings) -> dict[str, list[Rec]]:
@@ -360,6 +541,8 @@ async def read_outputs(bootstrap: str, s: Settings) -> dict[str, list[Rec]]:
         "dead_letters": s.dead_letter_topic,
         "model_inputs": s.model_inputs_topic,
         "changelog": s.users_changelog_topic,
+        "trainer": s.trainer_changelog_topic,
+        "params": s.model_params_topic,
     }
     got = await asyncio.gather(*(read_topic(bootstrap, t) for t in topics.values()))
     return dict(zip(topics, got, strict=True))

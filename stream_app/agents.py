@@ -154,6 +154,29 @@ class Worker:
             self.metrics.state_recovery_seconds.observe(await self.users.ensure(owned))
             self.engine.rebuild_timers(new)
 
+    def owned(self, messages: list[Any], ack: bool, what: str) -> list[Any]:
+        """The messages of partitions this worker still owns with fresh state. The others (revoked, or their
+        state is being reloaded after a failed send) are consumed again after the rebalance: dropped from
+        Faust's unacked set (``ack``), so a stop does not wait for them, and logged."""
+        skip = self.lost | self.dirty
+        if not skip or not (skipped := [msg for msg in messages if msg.tp in skip]):
+            return messages
+        if ack:
+            unacked = self.app.consumer._unacked_messages
+            for msg in skipped:
+                unacked.discard(msg)
+        spans: dict[TP, list[int]] = {}
+        for msg in skipped:
+            spans.setdefault(msg.tp, []).append(msg.offset)
+        log.info(
+            "skipped until the rebalance (%s): %d %s %s",
+            "revoked" if skip & self.lost else "failed",
+            len(skipped),
+            what,
+            {f"{tp.topic}[{tp.partition}]": f"{min(o)}..{max(o)}" for tp, o in spans.items()},
+        )
+        return [msg for msg in messages if msg.tp not in skip]
+
     # -- events and consent ---------------------------------------------------------------------------
     def apply(self, records: list[Record], msg: Message) -> tuple[str, str]:
         """One message through the engine (which dead-letters a record whose handling raises: code
@@ -175,16 +198,8 @@ class Worker:
         groups: dict[str | None, tuple[TP, list[Record], list[Any], list[tuple[str, str]]]] = {}
         group_of: dict[TP, tuple[TP, list[Record], list[Any], list[tuple[str, str]]]] = {}
         results = []
-        skip = self.lost | self.dirty
-        unacked = self.app.consumer._unacked_messages if ack else None
-        skipped: dict[TP, list[int]] = {}
-        for msg in messages:
+        for msg in self.owned(messages, ack, "events"):
             tp = msg.tp
-            if tp in skip:  # not ours (any more), or its state is being reloaded: consumed again later
-                if unacked is not None:
-                    unacked.discard(msg)
-                skipped.setdefault(tp, []).append(msg.offset)
-                continue
             if (group := group_of.get(tp)) is None:
                 key = self.outbox.route(tp)
                 if key not in groups:
@@ -196,9 +211,6 @@ class Worker:
             if result[0] == "dead_letter":
                 group[3].append((tp.topic, result[1]))
                 log.warning("dead-lettered %s[%s]@%s: %s", tp.topic, tp.partition, msg.offset, result[1])
-        if skipped:
-            log.info("skipped until the rebalance (%s): %s", "revoked" if skip & self.lost else "failed",
-                     {f"{tp.topic}[{tp.partition}]": f"{min(o)}..{max(o)}" for tp, o in skipped.items()})  # fmt: skip
         for tp, records, handled, dead in groups.values():
             # dead letters are counted once durable (committed, or delivered under at_least_once)
             done = (lambda dead=dead: [self.engine.counted(t, c) for t, c in dead]) if dead else None
@@ -219,14 +231,7 @@ class Worker:
         async with self.loading:  # a check under way (a batch of events started it) must finish first: until
             if self.to_check:  # it has, ``dirty`` still names the last generation's failures
                 await self.check_assignment()
-        skip = self.lost | self.dirty
-        if skipped := [msg for msg in messages if msg.tp in skip]:
-            if ack:  # consumed again after the rebalance; a stop must not wait for them
-                unacked = self.app.consumer._unacked_messages
-                for msg in skipped:
-                    unacked.discard(msg)
-            log.info("skipped until the rebalance: %d model inputs", len(skipped))
-            messages = [msg for msg in messages if msg.tp not in skip]
+        messages = self.owned(messages, ack, "model inputs")
         if not messages:
             return []
         if not self.trainer_fresh:  # (re)gained the partition: continue from the persisted state
@@ -238,10 +243,12 @@ class Worker:
                         log.warning("trainer state %s not restored: %s", key, why)
                         continue
                     trainer.restore(key, state)
+            if (why := trainer.restored()) is not None:
+                log.warning("trainer state segments: %s", why)
             self.trainer_fresh = True
         batch: list[Record] = []
         results: list[str | None] = []
-        # labels' learners are persisted once per batch, not per label: a batch is acked only after its
+        # models are persisted once per batch, not per input: a batch is acked only after its
         # records are sent (under exactly_once, in one transaction), so a crash mid-batch learns it again
         learned: set[str] = set()
         dead: list[str] = []
@@ -254,9 +261,7 @@ class Worker:
                 dead.append(orjson.loads(batch[-1][2])["error_code"])
                 results.append(None)
                 continue
-            # segment samples are many and the segment state carries its ring of recent samples (~0.8 MB): it
-            # is persisted at its publications only, at most once per publish interval
-            learned.update(k for k in keys if k != SEGMENTS_KEY)
+            learned.update(keys)
             refused = trainer.rejected
             for name, params in trainer.due(int(msg.timestamp * 1000)).items():
                 # the changelog keeps the full learning state (posterior, buffered positives, the segment
@@ -268,8 +273,9 @@ class Worker:
                 if n > refused[name]:  # the quality gate kept the served version (bounded: one per model key)
                     m.models_rejected[(name,)].inc(n - refused[name])
             results.append(keys[0] if keys else None)
-        for key in sorted(learned):  # after the batch's publications: the newest state of the key wins
-            trainer_state.put(batch, key, orjson.dumps(trainer.state(key)), 0)
+        # after the batch's publications: the newest state of each key wins (segments: its core and changed chunks)
+        for key, state in trainer.states(sorted(learned)):
+            trainer_state.put(batch, key, orjson.dumps(state), 0)
         done = (lambda: [self.engine.counted(settings.model_inputs_topic, c) for c in dead]) if dead else None
         await self.outbox.flush(batch, tp=messages[-1].tp, ack=messages if ack else (), done=done)
         return results

@@ -83,6 +83,7 @@ def decision_record(d: Decision) -> bytes:
             "score": d.score,
             "segment": d.segment,
             "model_version": d.model_version,
+            "segment_version": d.segment_version,
             "action_probability": d.probability,
             "decided_at_ms": d.decided_at_ms,
             "send_at_ms": d.send_at_ms,

@@ -87,6 +87,11 @@ class Models:
         s = self.uplifts.get(campaign.name)
         return s if s is not None else UpliftScorer.cold(campaign.name, campaign.min_labels)
 
+    def for_decision(self, user_id: str, trigger: str) -> Models:
+        """The models that decide for this user and trigger: these. (A verifier's subclass picks, per decision,
+        the versions a worker recorded, to replay each decision with the models that made it.)"""
+        return self
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -301,7 +306,8 @@ def _decide(state: UserState, campaigns: Sequence[Campaign], features: list[floa
     The segment (traits, then a distance to each centroid) only matters to a campaign whose rules hold, and
     for most triggers none does: it is computed only then (else ``-1``, which nothing reads)."""
     segment = -1
-    if any(rules_hold(c, features) for c in campaigns):
+    if any(rules_hold(c, features) for c in campaigns):  # else no campaign is eligible: nothing scores
+        models = models.for_decision(user_id, trigger)
         if traits is None:
             traits = extract_traits(state.profile, now, config.profile)
         segment = models.segments.predict_one(traits)
@@ -325,6 +331,7 @@ def _decide(state: UserState, campaigns: Sequence[Campaign], features: list[floa
             trigger_id=trigger,
             now_ms=now,
             opted_out=state.opted_out,
+            segment_version=models.segments.version,
         )
         for c in eligible
     ]

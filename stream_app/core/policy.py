@@ -100,6 +100,7 @@ class Decision:
     reasons: tuple[str, ...]
     contributions: tuple[tuple[str, float], ...] = ()
     features: tuple[float, ...] = field(default=(), repr=False)  # what the model saw, for the label join
+    segment_version: int = 0  # version of the segment model that assigned ``segment`` (0: none published yet)
 
 
 def decision_id(campaign: str, user_id: str, trigger_id: str) -> str:
@@ -201,6 +202,7 @@ def decide(
     now_ms: int,
     opted_out: bool = False,
     uplift: UpliftScorer | None = None,
+    segment_version: int = 0,
 ) -> Decision:
     """One campaign's decision for one user and trigger; the caller has checked ``ineligibility``.
 
@@ -222,7 +224,7 @@ def decide(
         expires = None if send_at is None else send_at + guardrails.decision_ttl_ms
         return Decision(did, user_id, campaign.name, action, round(score, 6), segment, version,
                         round(probability, 6), now_ms, send_at, expires, trigger_id, tuple(reasons),
-                        tuple(scorer.contributions(features)), tuple(features))  # fmt: skip
+                        tuple(scorer.contributions(features)), tuple(features), segment_version)  # fmt: skip
 
     if opted_out:
         reasons.append("suppress:opted_out")

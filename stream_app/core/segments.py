@@ -69,7 +69,7 @@ class SegmentModel:
             if self.n >= self.warmup:
                 self._fit()
             return
-        if self.n % self.refit_every == 0:
+        if self.n % self.refit_every == 0 and len(self.buffer) >= self.warmup:  # (short only while a ring refills)
             self._fit()
             return
         z = self._scale(v, already_selected=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,11 @@ from stream_app.core.segments import SegmentModel
 from stream_app.core.uplift import UpliftLearner, UpliftScorer, uplift_params
 
 SEGMENTS_KEY = "segments"
+# The segment learner's ring of recent samples (~0.8 MB as JSON) is persisted in chunks of RING_CHUNK slots, each
+# under its own changelog key: a batch writes the model's small core and the chunks its samples touched, so the
+# changelog holds the exact learning state after every batch (a successor loses no sample) for ~40 KB a batch.
+RING_PREFIX = "segments/ring/"
+RING_CHUNK = 50
 
 
 def uplift_key(campaign: str) -> str:
@@ -169,12 +175,18 @@ class Trainer:
         self.watermark_ms = -(2**62)  # the newest label time seen
         self.decision_order = decision_order  # off: every label is learned on arrival
         self.seq = 0
+        self.ring_touched: set[int] = set()  # chunks of the segment ring changed since the last ``states``
+        self._ring: dict[int, list[list[float]]] = {}  # chunks read by ``restore``, assembled by ``restored``
+        self._ring_len = 0
 
     def learn(self, record: dict[str, Any]) -> tuple[str, ...]:
         """Learn from one model-input record; return the keys of the models it changed (none if ignored)."""
         if record.get("kind") == "segment_sample":
             if record.get("schema") != self.segments.schema:
                 return ()  # from a worker of another version (rolling upgrade): another vector
+            seg = self.segments
+            slot = len(seg.buffer) if len(seg.buffer) < seg.reservoir else seg.n % seg.reservoir  # as learn_one
+            self.ring_touched.add(slot // RING_CHUNK)
             self.segments.learn_one(record["traits"])
             self.dirty.add(SEGMENTS_KEY)
             return (SEGMENTS_KEY,)
@@ -256,21 +268,57 @@ class Trainer:
         return {k: g.rejected for k, g in self.gates.items()}
 
     def state(self, key: str) -> dict[str, Any]:
-        """The full learning state of one model (what a successor trainer restores)."""
+        """The full learning state of one model (what a successor trainer restores); for the segments, its
+        core without the sample ring (``states`` adds the ring's changed chunks)."""
         if key == SEGMENTS_KEY:
-            return self.segments.to_params()
+            return {
+                **self.segments.to_params(with_buffer=False),
+                "ring_chunk": RING_CHUNK,
+                "ring_len": len(self.segments.buffer),
+            }
         if key in self.uplifts:
             return self._uplift_params(key, with_covariance=True)
         return {**self.learners[key].to_params(), "delayed": [r for _, _, r in sorted(self.delayed[key])]}
+
+    def states(self, keys: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+        """The changelog records that persist these models' learning state: each key's ``state``, and with the
+        segments the ring chunks changed since the last call.
+
+        >>> t = Trainer(())
+        >>> _ = t.learn({"kind": "segment_sample", "schema": t.segments.schema, "traits": [0.0] * 41})
+        >>> [k for k, _ in t.states(["segments"])], t.states(["segments"])[1:]
+        (['segments', 'segments/ring/0'], [])
+        """
+        out = []
+        for key in keys:
+            out.append((key, self.state(key)))
+            if key == SEGMENTS_KEY:
+                buffer = self.segments.buffer
+                for i in sorted(self.ring_touched):
+                    out.append(
+                        (
+                            f"{RING_PREFIX}{i}",
+                            {"schema": self.segments.schema, "samples": buffer[i * RING_CHUNK : (i + 1) * RING_CHUNK]},
+                        )
+                    )
+                self.ring_touched.clear()
+        return out
 
     def _uplift_params(self, key: str, with_covariance: bool) -> dict[str, Any]:
         campaign = self.campaigns[key.split(":", 1)[1]]
         return uplift_params(campaign.name, campaign.min_labels, self.uplifts[key], with_covariance)
 
     def restore(self, key: str, params: dict[str, Any]) -> None:
-        if key == SEGMENTS_KEY:
+        """Take one record of the trainer's changelog (``check_state`` passed); call ``restored`` after the last."""
+        if key.startswith(RING_PREFIX):
+            if params.get("schema") == self.segments.schema:
+                self._ring[int(key.removeprefix(RING_PREFIX))] = [list(v) for v in params["samples"]]
+        elif key == SEGMENTS_KEY:
             if params.get("schema") == self.segments.schema:  # else learned on another vector: start afresh
                 self.segments = SegmentModel.from_params(params)
+                self._ring_len = params.get("ring_len", 0)
+                if "ring_chunk" not in params:  # an older trainer kept the ring in this record: chunk all of it
+                    self.ring_touched = set(range(-(-len(self.segments.buffer) // RING_CHUNK)))
         elif key in self.uplifts:
             if params.get("kind") == "uplift_learner":  # else an older trainer's per-segment counts: start afresh
                 self.uplifts[key] = UpliftLearner.from_params(params)
@@ -285,6 +333,24 @@ class Trainer:
                 heapq.heappush(self.delayed[key], (closes, self.seq, record))
             if params.get("version"):  # what workers serve: the successor gates against it
                 self.serving[key] = PropensityScorer.from_params(params)
+
+    def restored(self) -> str | None:
+        """Assemble the segment ring from its chunks; why it could not be (then it starts empty), or None.
+
+        A ring that does not hold exactly the samples its core counted (a chunk lost or refused) is not used:
+        refits would learn from a wrong window, so the model keeps its centroids and refills the ring."""
+        chunks, self._ring = self._ring, {}
+        seg = self.segments
+        if seg.buffer:  # restored from an older trainer's single record
+            return None
+        want = min(int(self._ring_len), seg.reservoir)
+        ring = [v for i in range(-(-want // RING_CHUNK)) for v in chunks.get(i, [])]
+        if len(ring) == want and all(len(chunks.get(i, [])) == min(RING_CHUNK, want - i * RING_CHUNK)
+                                     for i in range(-(-want // RING_CHUNK))):  # fmt: skip
+            seg.buffer = ring
+            return None
+        self.ring_touched = set()
+        return "segment_ring_incomplete"  # the ring refills (learn_one appends while it is short)
 
 
 # -- what the trainer and the workers read: checked before use, never trusted -----------------------------------
@@ -363,10 +429,25 @@ def check_state(key: object, state: object) -> str | None:
     >>> check_state("propensity:x", {"version": 0, "delayed": [{}]})
     'wrong_type'
     """
+    if isinstance(key, str) and key.startswith(RING_PREFIX):
+        index = key.removeprefix(RING_PREFIX)
+        if not (
+            index.isdigit() and len(index) <= 6 and isinstance(state, dict) and isinstance(state.get("schema"), str)
+        ):
+            return "wrong_type"
+        samples = state.get("samples")
+        if state["schema"] == TRAITS_SCHEMA and not (
+            isinstance(samples, list) and len(samples) <= RING_CHUNK
+            and all(_numbers(b, len(TRAIT_NAMES)) for b in samples)
+        ):  # fmt: skip
+            return "wrong_type"
+        return None
     if (why := check_params(key, state, min_version=0)) is not None:
         return why
     assert isinstance(state, dict) and isinstance(key, str)  # checked above
     if key == SEGMENTS_KEY and state["schema"] == TRAITS_SCHEMA:
+        if not _int(state.get("ring_len", 0)):
+            return "wrong_type"
         buffer = state.get("buffer", [])
         if not isinstance(buffer, list) or not all(_numbers(b, len(TRAIT_NAMES)) for b in buffer):
             return "wrong_type"

@@ -129,12 +129,15 @@ async def test_a_version_the_quality_gate_refuses_is_counted_and_not_published(s
     assert sa.trainer_state[key]["n_labels"] == 4  # learning goes on; the served version stays
 
 
-async def test_the_segment_state_with_its_ring_is_persisted_when_the_segments_are_published(sa):
+async def test_the_segment_state_and_its_ring_are_persisted_with_every_batch(sa):
+    """Persisted only at publications, a trainer crash lost every sample since the last one (a successor's
+    segments then differed from a fold of the committed inputs). Each batch writes the core and its ring chunk."""
     sample = orjson.dumps({"kind": "segment_sample", "schema": "traits-v1", "traits": [0.5] * len(TRAIT_NAMES)})
     async with sa.train.test_context() as agent:
         await agent.put(sample, key=b"segments", timestamp=T0)  # published at once: version 1
-        await agent.put(sample, key=b"segments", timestamp=T0 + 0.1)  # learned, not yet published or persisted
-        assert sa.trainer_state["segments"]["n"] == 1
+        await agent.put(sample, key=b"segments", timestamp=T0 + 0.1)  # learned, not yet published: persisted
+        assert sa.trainer_state["segments"]["n"] == 2 and sa.trainer_state["segments"]["version"] == 1
+        assert len(sa.trainer_state["segments/ring/0"]["samples"]) == 2
         await agent.put(b'{"kind": "flush"}', key=b"flush", timestamp=T0 + 5)
         state = sa.trainer_state["segments"]
-    assert state["version"] == 2 and state["n"] == 2 and len(state["buffer"]) == 2  # the ring, not the published view
+    assert state["version"] == 2 and state["n"] == 2 and state["ring_len"] == 2 and state["buffer"] == []

@@ -60,7 +60,8 @@ def test_kafka_and_replay_decide_the_same(kafka_bootstrap, app_settings, tmp_pat
         r = replayed[did]
         assert (k["user_id"], k["campaign"], k["action"], k["segment"], k["trigger_event_id"], k["send_at_ms"]) == (
             r["user_id"], r["campaign"], r["action"], r["segment"], r["trigger_event_id"], r["send_at_ms"])  # fmt: skip
-        if k["model_version"] == r["model_version"]:  # the same model gives the same score, to the digit
+        if (k["model_version"], k["segment_version"]) == (r["model_version"], r["segment_version"]):
+            # the same models give the same score, to the digit
             assert k["score"] == r["score"] and k["top_contributions"] == r["top_contributions"]
     differ = sum(kafka[d]["model_version"] != replayed[d]["model_version"] for d in kafka)
     worst = max(abs(kafka[d]["score"] - replayed[d]["score"]) for d in kafka)

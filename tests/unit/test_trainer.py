@@ -5,7 +5,16 @@ import orjson
 
 from stream_app.campaigns import load_campaigns
 from stream_app.core.features import FEATURE_NAMES, INDEX, TRAIT_NAMES, TRAITS_SCHEMA
-from stream_app.core.trainer import SEGMENTS_KEY, Quality, Trainer, propensity_key, uplift_key
+from stream_app.core.trainer import (
+    RING_CHUNK,
+    RING_PREFIX,
+    SEGMENTS_KEY,
+    Quality,
+    Trainer,
+    check_state,
+    propensity_key,
+    uplift_key,
+)
 
 CAMPAIGNS, _ = load_campaigns()
 D = len(FEATURE_NAMES)
@@ -220,3 +229,68 @@ def test_positives_are_learned_when_their_window_closes_and_survive_a_trainer_re
         neg["converted"], neg["decided_at_ms"], neg["labelled_at_ms"] = False, 3_600_000, 3_600_000 + DAY
         t.learn(neg)  # its window closed at 25 h: the positive's (24 h) closed before, so both are learned now
         assert t.learners[key].n_labels == 2 and t.learners[key].n_positive == 1 and not t.delayed[key]
+
+
+def _persist(t: Trainer, keys, changelog: dict) -> None:
+    for k, v in t.states(sorted(keys)):
+        changelog[k] = orjson.loads(orjson.dumps(v))  # what the changelog holds: JSON
+
+
+def _successor(changelog: dict) -> Trainer:
+    s = Trainer(CAMPAIGNS, segments_k=3)
+    for k, v in changelog.items():
+        assert check_state(k, v) is None
+        s.restore(k, v)
+    assert s.restored() is None
+    return s
+
+
+def test_a_successor_trainer_resumes_the_segment_model_exactly_from_the_changelog_of_any_batch():
+    """The segment state was persisted only at publications: a trainer crash lost every sample since the last
+    one. Now each batch writes the model's core and the ring chunks it touched: a successor that restores the
+    changelog at any batch boundary, ring wrapped or not, learns on to exactly the uninterrupted model."""
+    rnd = random.Random(11)
+    samples = [{"kind": "segment_sample", "schema": TRAITS_SCHEMA, "traits": [rnd.gauss(0, 1) for _ in TRAIT_NAMES]}
+               for _ in range(2600)]  # fmt: skip
+    whole = Trainer(CAMPAIGNS, segments_k=3)
+    for r in samples:
+        whole.learn(r)
+    for crash_at in (7, 499, 1000, 1234, 2599):
+        t, changelog, keys, i = Trainer(CAMPAIGNS, segments_k=3), {}, set(), 0
+        while i < crash_at:  # batches of 1-60 inputs, each persisted as the worker does
+            for r in samples[i : min(crash_at, i + rnd.randint(1, 60))]:
+                keys.update(t.learn(r))
+                i += 1
+            _persist(t, keys, changelog)
+            keys.clear()
+        chunks = [k for k in changelog if k.startswith(RING_PREFIX)]
+        assert len(chunks) == -(-min(crash_at, t.segments.reservoir) // RING_CHUNK)
+        s = _successor(changelog)
+        for r in samples[crash_at:]:
+            s.learn(r)
+        assert s.state(SEGMENTS_KEY) == whole.state(SEGMENTS_KEY) and s.segments.buffer == whole.segments.buffer
+
+
+def test_an_older_single_record_segment_state_is_rewritten_in_chunks_and_a_lost_chunk_is_not_used():
+    rnd = random.Random(12)
+    t = Trainer(CAMPAIGNS, segments_k=3)
+    for _ in range(700):
+        t.learn({"kind": "segment_sample", "schema": TRAITS_SCHEMA, "traits": [rnd.gauss(0, 1) for _ in TRAIT_NAMES]})
+    old = orjson.loads(orjson.dumps(t.segments.to_params()))  # how a trainer before chunks persisted it
+    s = Trainer(CAMPAIGNS, segments_k=3)
+    s.restore(SEGMENTS_KEY, old)
+    assert s.restored() is None and s.segments.buffer == t.segments.buffer
+    changelog: dict = {}
+    _persist(s, {SEGMENTS_KEY}, changelog)  # the first write after the upgrade chunks the whole ring
+    assert _successor(changelog).segments.buffer == t.segments.buffer
+    del changelog[f"{RING_PREFIX}3"]  # a chunk lost (or refused by check_state): the ring is not trusted
+    u = Trainer(CAMPAIGNS, segments_k=3)
+    for k, v in changelog.items():
+        u.restore(k, v)
+    assert u.restored() == "segment_ring_incomplete"
+    assert u.segments.buffer == [] and u.segments.centroids == t.segments.centroids  # the model itself kept
+    for _ in range(600):  # refills the ring; no refit on a short ring
+        u.learn({"kind": "segment_sample", "schema": TRAITS_SCHEMA, "traits": [rnd.gauss(0, 1) for _ in TRAIT_NAMES]})
+    assert len(u.segments.buffer) == 600 and len(u.segments.centroids) == 3
+    assert check_state(f"{RING_PREFIX}x", {"schema": TRAITS_SCHEMA, "samples": []}) == "wrong_type"
+    assert check_state(f"{RING_PREFIX}0", {"schema": TRAITS_SCHEMA, "samples": [[0.0]]}) == "wrong_type"

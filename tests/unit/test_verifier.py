@@ -1,0 +1,79 @@
+"""The fault matrix's verifier (faults/verify.py) on replay's own outputs: no broker needed.
+
+A verifier that cannot fail proves nothing: each check here is also shown failing on a planted fault."""
+
+import collections
+
+import orjson
+import pytest
+
+from faults import verify
+from faults.matrix import simulated
+from stream_app.replay import Replayer, to_message
+from stream_app.settings import Settings
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Replay of a small simulated input as the outputs a worker would have written (records as read back)."""
+    envelopes, _ = simulated(150, 2, seed=3)
+    settings = Settings(model_publish_interval_ms=60_000)
+    replayer = Replayer(settings)
+    params, inputs = [], []
+    for i, env in enumerate(envelopes):
+        for name, value in replayer.feed(to_message(orjson.dumps(env), i, replayer.settings)):
+            if name == "model_params":
+                p = orjson.loads(value)
+                params.append(verify.Rec(0, len(params), 0, p["key"].encode(), orjson.dumps(p["params"])))
+            elif name == "model_inputs":
+                inputs.append(verify.Rec(0, len(inputs), 0, None, value))
+    records = replayer.finish().records
+    audit = [verify.Rec(0, i, 0, None, v) for i, v in enumerate(records["audit"])]
+    return envelopes, settings, replayer.trainer, audit, params, inputs
+
+
+def test_a_guided_replay_reproduces_every_decision_from_the_versions_it_records(run):
+    envelopes, settings, _, audit, params, _ = run
+    decided = [orjson.loads(r.value) for r in audit]
+    versions = collections.Counter((d["model_version"] > 0, d["segment_version"] > 0) for d in decided)
+    assert versions[(True, True)] > 50  # warm models decided: the guided replay must install them
+    guided = verify.guided_reference(envelopes, settings, audit, params)
+    assert guided.unavailable == 0
+    assert {d: orjson.loads(r.value) for r in audit for d in [orjson.loads(r.value)["decision_id"]]} == guided.audit
+    # a version the params topic no longer holds is reported, not guessed
+    used = {(f"propensity:{d['campaign']}", d["model_version"]) for r in audit for d in [orjson.loads(r.value)]}
+    gone = next(i for i, r in enumerate(params) if (r.key.decode(), orjson.loads(r.value)["version"]) in used)
+    assert verify.guided_reference(envelopes, settings, audit, params[:gone] + params[gone + 1 :]).unavailable == 1
+
+
+def test_a_guided_replay_sees_a_decision_the_recorded_models_would_not_make(run):
+    envelopes, settings, _, audit, params, _ = run
+    warm = next(i for i, r in enumerate(audit) if orjson.loads(r.value)["model_version"] > 1)
+    d = orjson.loads(audit[warm].value)
+    planted = list(audit)
+    planted[warm] = verify.Rec(0, warm, 0, None, orjson.dumps(d | {"model_version": d["model_version"] - 1}))
+    guided = verify.guided_reference(envelopes, settings, planted, params)
+    assert guided.audit[d["decision_id"]]["score"] != d["score"]  # scored with the version it names
+
+
+def test_the_trainer_fold_equals_the_trainer_and_catches_a_lost_or_repeated_input(run):
+    _, settings, trainer, _, _, inputs = run
+    keys = {k for r in inputs for k in [orjson.loads(r.value).get("kind")]}
+    assert keys >= {"label", "segment_sample"}
+    state = [
+        verify.Rec(0, i, 0, orjson.dumps(k), orjson.dumps(v))
+        for i, (k, v) in enumerate(
+            trainer.states(
+                sorted({k for k, lr in trainer.learners.items() if lr.n_labels or trainer.delayed[k]} | {"segments"})
+            )
+        )
+    ]
+    assert verify.compare_trainer(inputs, state, settings)[0]["differing_keys"] == 0
+    sample = next(i for i, r in enumerate(inputs) if orjson.loads(r.value)["kind"] == "segment_sample")
+    lost = verify.compare_trainer(inputs[:sample] + inputs[sample + 1 :], state, settings)
+    assert lost[0]["differing_keys"] >= 1 and lost[1][0]["key"].startswith("segments")
+    label = next(i for i, r in enumerate(inputs) if orjson.loads(r.value)["kind"] == "label")
+    twice = verify.compare_trainer([*inputs, inputs[label]], state, settings)
+    assert twice[0]["differing_keys"] >= 1
