@@ -15,10 +15,19 @@ SHORT = {
     "every_input_accounted_once": "accounted",
     "decisions_equal_replay": "decisions",
     "trainer_equals_fold": "trainer",
+    "event_order_bounded": "event order",
     "lag_zero": "lag 0",
     "reported_lag_zero": "reported lag 0",
     "no_worker_crash": "no crash",
 }
+
+
+def _late(order: dict | None) -> str:
+    if not order:
+        return "-"
+    wall = order.get("max_applied_late_wall_s")
+    text = f"{order['events_applied_late']}, {order['max_applied_late_s']} s"
+    return text + (f" ({wall} s)" if wall is not None else "")
 
 
 def _cell(ok: bool | None, required: bool) -> str:
@@ -57,8 +66,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| scenario | guarantee | run | " + " | ".join(heads) + " | dup push/audit/DL/label | applied twice / lost "
         "| decision diffs unexplained of all (missing/extra/action/segment) | by version / after one / checked exactly "
-        "| recover s | wall s |",
-        "|" + "---|" * (len(heads) + 9),
+        "| applied late: events, max s (wall) | recover s | wall s |",
+        "|" + "---|" * (len(heads) + 10),
     ]
     for r in res["runs"]:
         if "error" in r and "invariants" not in r:
@@ -77,7 +86,7 @@ def markdown(res: dict[str, Any]) -> str:
             f" ({d['missing']}/{d['extra']}/{d['action_differs']}/"
             f"{d['segment_differs']}) | {d.get('of_which_other_model_version', '?')} / "
             f"{d.get('of_which_after_earlier_difference', '?')} / {d.get('checked_exactly', '?')}"
-            f" | {rec} | {r['wall_s']} |"
+            f" | {_late(num.get('applied_order'))} | {rec} | {r['wall_s']} |"
         )
     lines += ["", "## Evidence of failing runs", ""]
     for r in res["runs"]:

@@ -99,6 +99,11 @@ class RunConfig:
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def paced_rate(messages: int, paced_s: float) -> float:
+    """Messages per second of a paced feed: the input over ``paced_s``, at most 2,000/s."""
+    return min(2000.0, max(10.0, messages / paced_s))
+
+
 class Run:
     """The context a scenario script drives: start/kill/stop workers, wait for progress, record faults."""
 
@@ -163,7 +168,7 @@ class Run:
 
     def _paced(self) -> None:
         try:
-            asyncio.run(self._produce(rate=min(2000.0, max(10.0, self.total / self.paced_s))))
+            asyncio.run(self._produce(rate=paced_rate(self.total, self.paced_s)))
         except Exception as e:  # reported: the run's input is then incomplete, the verdict says so
             self.producer_error = f"{type(e).__name__}: {e}"
         finally:

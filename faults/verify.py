@@ -27,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from stream_app.campaigns import load_campaigns
 from stream_app.core.events import InvalidEvent
 from stream_app.core.pipeline import Models
+from stream_app.core.profile import event_key
 from stream_app.core.segments import SegmentModel
 from stream_app.core.trainer import parse_model_input
 from stream_app.engine import ModelStore, build_trainer
@@ -215,6 +216,79 @@ class GuidedModels(Models):
 
     def for_decision(self, user_id: str, trigger: str) -> Models:
         return self.pick(user_id, trigger) if self.pick is not None else self
+
+
+def applied_order(changelog: list[Rec]) -> dict[str, list[int]]:
+    """Per user, the event keys in the order the workers applied them, from every committed state record: each
+    holds the user's last ``dedup_ids`` event keys in application order (``p.s``), so each record adds its new
+    keys at the end. (A record that skipped more than ``dedup_ids`` events leaves the order incomplete.)"""
+    order: dict[str, list[int]] = collections.defaultdict(list)
+    known: dict[str, set[int]] = collections.defaultdict(set)
+    for r in sorted(changelog, key=lambda r: (r.partition, r.offset)):
+        if r.key is None or r.value is None:
+            continue
+        with contextlib.suppress(Exception):
+            user, state = orjson.loads(r.key), orjson.loads(r.value)
+            for key in (state.get("p") or {}).get("s", []):
+                if key not in known[user]:
+                    known[user].add(key)
+                    order[user].append(key)
+    return order
+
+
+def in_applied_order(envelopes: list[dict], order: dict[str, list[int]]) -> tuple[list[dict], dict[str, int]]:
+    """The envelopes with each user's applied events moved into the order the workers applied them, keeping the
+    positions the user's events hold in the file (so every other user's events keep theirs).
+
+    The workers hand a partition's three input topics over in event-time order where they can tell, but live they
+    can only tell what was fetched: a like whose batch reached the broker before an earlier click's can be applied
+    first. Replaying the file order would then compare decisions made on different inputs."""
+    first: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # user -> [(position, event key)]
+    seen: set[str] = set()
+    for i, env in enumerate(envelopes):
+        v = env.get("value")
+        ok = isinstance(v, dict) and isinstance(v.get("user_id"), str) and isinstance(v.get("event_id"), str)
+        if ok and v["event_id"] not in seen:
+            seen.add(v["event_id"])
+            first[v["user_id"]].append((i, event_key(v["event_id"])))
+    out = list(envelopes)
+    ts_of = {k: envelopes[i]["value"].get("ts") for evs in first.values() for i, k in evs}
+    stats = {"users_reordered": 0, "events_moved": 0, "users_order_unknown": 0, "events_applied_late": 0,
+             "max_applied_late_s": 0.0}  # fmt: skip
+    for user, events in first.items():
+        applied = order.get(user, [])
+        rank = {k: j for j, k in enumerate(applied)}
+        mine = [(i, k) for i, k in events if k in rank]
+        if len(mine) < len(applied):
+            stats["users_order_unknown"] += 1  # keys the file does not hold for this user: leave the file order
+            continue
+        positions = [i for i, _ in mine]
+        wanted = sorted(mine, key=lambda ik: rank[ik[1]])
+        # how much later in event time than the file had it was an event applied after a newer one of the user
+        late_file, late_applied = _lateness(mine, ts_of), _lateness(wanted, ts_of)
+        for k, late in late_applied.items():
+            if late > late_file.get(k, 0):
+                stats["events_applied_late"] += 1
+                stats["max_applied_late_s"] = max(stats["max_applied_late_s"], round(late / 1000, 1))
+        if wanted != mine:
+            stats["users_reordered"] += 1
+            stats["events_moved"] += sum(a != b for a, b in zip(mine, wanted, strict=True))
+            for pos, (i, _) in zip(positions, wanted, strict=True):
+                out[pos] = envelopes[i]
+    return out, stats
+
+
+def _lateness(events: list[tuple[int, int]], ts_of: dict[int, Any]) -> dict[int, int]:
+    """Per event key, by how much (ms of event time) a newer event of the user came before it in this order."""
+    out, newest = {}, None
+    for _, k in events:
+        ts = ts_of.get(k)
+        if not isinstance(ts, int):
+            continue
+        if newest is not None and newest > ts:
+            out[k] = newest - ts
+        newest = ts if newest is None else max(newest, ts)
+    return out
 
 
 def guided_reference(envelopes: list[dict], settings: Settings, audit: list[Rec], params: list[Rec]) -> Reference:

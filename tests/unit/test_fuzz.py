@@ -311,12 +311,17 @@ def test_the_trainer_never_stops_on_its_inputs(records):
         trainer.due(i)  # publishing what was learned never raises either
     assert f"propensity:{LABEL['campaign']}" in trainer.learn(LABEL | {"converted": False})  # and it still learns
     assert uplift_key(UPLIFT.name) in trainer.learn(UPLIFT_LABEL | {"converted": False})
-    for key in [*trainer.learners, *trainer.uplifts, "segments"]:  # its persisted state is what a successor restores
-        state = orjson.loads(orjson.dumps(trainer.state(key)))
+    # its persisted state (the segments' ring in chunks) is what a successor restores
+    records = {k: orjson.loads(orjson.dumps(v)) for k, v in trainer.states([*trainer.learners, *trainer.uplifts,
+                                                                             "segments"])}  # fmt: skip
+    successor = Trainer((*CAMPAIGNS, UPLIFT), segments_k=3, publish_every_ms=1, decision_order=True)
+    for key, state in records.items():
         assert check_state(key, state) is None, key
-        successor = Trainer((*CAMPAIGNS, UPLIFT), segments_k=3, publish_every_ms=1, decision_order=True)
         successor.restore(key, state)
-        assert orjson.dumps(successor.state(key)) == orjson.dumps(state)
+    assert successor.restored() is None
+    for key in [*trainer.learners, *trainer.uplifts, "segments"]:
+        assert orjson.dumps(successor.state(key)) == orjson.dumps(trainer.state(key))
+    assert successor.segments.buffer == trainer.segments.buffer
     assert sum(c._value.get() for c in engine.metrics.model_inputs_rejected.values()) == rejected
 
 

@@ -77,3 +77,28 @@ def test_the_trainer_fold_equals_the_trainer_and_catches_a_lost_or_repeated_inpu
     label = next(i for i, r in enumerate(inputs) if orjson.loads(r.value)["kind"] == "label")
     twice = verify.compare_trainer([*inputs, inputs[label]], state, settings)
     assert twice[0]["differing_keys"] >= 1
+
+
+def test_the_applied_order_is_read_back_from_the_changelog_and_the_file_reordered_to_it():
+    from stream_app.core.profile import event_key
+
+    def ev(user, eid, topic="click"):
+        return {"topic": topic, "value": {"event_id": eid, "type": topic, "user_id": user, "ts": 1}}
+
+    envelopes = [ev("a", "a1"), ev("b", "b1"), ev("a", "a2", "like"), ev("a", "a1"), ev("b", "b2"), ev("a", "a3")]
+
+    def state(*ids):
+        return orjson.dumps({"p": {"s": [event_key(i) for i in ids]}})
+
+    # the worker applied a's like before its first click (two snapshots), b in file order
+    changelog = [verify.Rec(0, 0, 0, b'"a"', state("a2")), verify.Rec(0, 1, 0, b'"b"', state("b1", "b2")),
+                 verify.Rec(0, 2, 0, b'"a"', state("a2", "a1", "a3"))]  # fmt: skip
+    order = verify.applied_order(changelog)
+    assert order["a"] == [event_key("a2"), event_key("a1"), event_key("a3")]
+    out, stats = verify.in_applied_order(envelopes, order)
+    assert [e["value"]["event_id"] for e in out] == ["a2", "b1", "a1", "a1", "b2", "a3"]  # the repeat stays put
+    assert {k: stats[k] for k in ("users_reordered", "events_moved", "users_order_unknown")} == {
+        "users_reordered": 1,
+        "events_moved": 2,
+        "users_order_unknown": 0,
+    }
