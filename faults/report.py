@@ -65,7 +65,7 @@ def markdown(res: dict[str, Any]) -> str:
         "## Runs",
         "",
         "| scenario | guarantee | run | " + " | ".join(heads) + " | dup push/audit/DL/label | applied twice / lost "
-        "| decision diffs unexplained of all (missing/extra/action/segment) | by version / after one / checked exactly "
+        "| decision diffs (missing/extra/action/segment/score) | checked exactly "
         "| applied late: events, max s (wall) | recover s | wall s |",
         "|" + "---|" * (len(heads) + 10),
     ]
@@ -82,10 +82,8 @@ def markdown(res: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {num['dup_pushes']}/{num['dup_audit']}/{num['dup_dead_letters']}/{num['dup_labels']}"
             f" | {num['events_applied_twice']}/{num['events_lost']}"
-            f" | {num.get('decision_differences_unexplained', '?')} of {num['decision_differences']}"
-            f" ({d['missing']}/{d['extra']}/{d['action_differs']}/"
-            f"{d['segment_differs']}) | {d.get('of_which_other_model_version', '?')} / "
-            f"{d.get('of_which_after_earlier_difference', '?')} / {d.get('checked_exactly', '?')}"
+            f" | {num['decision_differences']} ({d['missing']}/{d['extra']}/{d['action_differs']}/"
+            f"{d['segment_differs']}/{d.get('score_differs', '?')}) | {d.get('checked_exactly', '?')}"
             f" | {_late(num.get('applied_order'))} | {rec} | {r['wall_s']} |"
         )
     lines += ["", "## Evidence of failing runs", ""]
@@ -105,7 +103,8 @@ def markdown(res: dict[str, Any]) -> str:
         if ev.get("state"):
             lines.append(
                 f"  - state differs for {num['users_state_differs']} users, fields "
-                f"{num['state_field_differences']}; e.g. {json.dumps(ev['state'][0])[:300]}"
+                f"{num['state_field_differences']}, against the guided replay "
+                f"{num.get('state_fields_differing_from_guided_replay')}; e.g. {json.dumps(ev['state'][0])[:300]}"
             )
         if ev.get("dead_letters_missing"):
             lines.append(f"  - dead letters missing: {json.dumps(ev['dead_letters_missing'])[:300]}")
@@ -113,8 +112,13 @@ def markdown(res: dict[str, Any]) -> str:
         if num["decision_differences"]:
             lines.append(
                 f"  - decisions vs replay: missing {d['missing']} {d['missing_by_campaign_action']}, extra "
-                f"{d['extra']}, action {d['action_changes']}, segment {d['segment_differs']}"
+                f"{d['extra']}, action {d['action_changes']}, segment {d['segment_differs']}, score "
+                f"{d.get('score_differs', '?')}"
             )
+            for e in ev.get("decisions_differing", [])[:2]:
+                lines.append(
+                    f"    - e.g. kafka {json.dumps(e['kafka'])[:300]} / replay {json.dumps(e['replay'])[:300]}"
+                )
         if not r["invariants"].get("reported_lag_zero", True) or not r["invariants"].get("lag_zero", True):
             lines.append(f"  - lag at the end: {json.dumps(r['done'].get('partitions'))[:300]}")
         for w in r.get("workers", []):

@@ -244,13 +244,14 @@ def in_applied_order(envelopes: list[dict], order: dict[str, list[int]]) -> tupl
     can only tell what was fetched: a like whose batch reached the broker before an earlier click's can be applied
     first. Replaying the file order would then compare decisions made on different inputs."""
     first: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # user -> [(position, event key)]
+    repeats: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # later copies of an event id
     seen: set[str] = set()
     for i, env in enumerate(envelopes):
         v = env.get("value")
         ok = isinstance(v, dict) and isinstance(v.get("user_id"), str) and isinstance(v.get("event_id"), str)
-        if ok and v["event_id"] not in seen:
+        if ok:
+            (repeats if v["event_id"] in seen else first)[v["user_id"]].append((i, event_key(v["event_id"])))
             seen.add(v["event_id"])
-            first[v["user_id"]].append((i, event_key(v["event_id"])))
     out = list(envelopes)
     ts_of = {k: envelopes[i]["value"].get("ts") for evs in first.values() for i, k in evs}
     stats = {"users_reordered": 0, "events_moved": 0, "users_order_unknown": 0, "events_applied_late": 0,
@@ -262,7 +263,6 @@ def in_applied_order(envelopes: list[dict], order: dict[str, list[int]]) -> tupl
         if len(mine) < len(applied):
             stats["users_order_unknown"] += 1  # keys the file does not hold for this user: leave the file order
             continue
-        positions = [i for i, _ in mine]
         wanted = sorted(mine, key=lambda ik: rank[ik[1]])
         # how much later in event time than the file had it was an event applied after a newer one of the user
         late_file, late_applied = _lateness(mine, ts_of), _lateness(wanted, ts_of)
@@ -271,9 +271,17 @@ def in_applied_order(envelopes: list[dict], order: dict[str, list[int]]) -> tupl
                 stats["events_applied_late"] += 1
                 stats["max_applied_late_s"] = max(stats["max_applied_late_s"], round(late / 1000, 1))
         if wanted != mine:
+            # a repeated copy follows its event's applied copy: left where it was, a copy the file holds before
+            # the new place of its event would be the one applied, too early (the worker drops the later copy)
+            copies = collections.defaultdict(list)
+            for i, k in repeats.get(user, ()):
+                if k in rank:
+                    copies[k].append((i, k))
+            mine_all = sorted(mine + [c for cs in copies.values() for c in cs])
+            wanted_all = [c for ik in wanted for c in (ik, *copies.get(ik[1], ()))]
             stats["users_reordered"] += 1
-            stats["events_moved"] += sum(a != b for a, b in zip(mine, wanted, strict=True))
-            for pos, (i, _) in zip(positions, wanted, strict=True):
+            stats["events_moved"] += sum(a != b for a, b in zip(mine_all, wanted_all, strict=True))
+            for (pos, _), (i, _) in zip(mine_all, wanted_all, strict=True):
                 out[pos] = envelopes[i]
     return out, stats
 
@@ -333,7 +341,8 @@ def guided_reference(envelopes: list[dict], settings: Settings, audit: list[Rec]
                         install=lambda key, params: None)  # fmt: skip
     for i, env in enumerate(envelopes):
         replayer.feed(to_message(orjson.dumps(env), i, replayer.settings))
-    ref, records = Reference(), replayer.finish().records
+    result = replayer.finish()
+    ref, records = Reference(users=result.users, outcomes=dict(result.counts)), result.records
     for v in records["audit"]:
         d = orjson.loads(v)
         ref.audit[d["decision_id"]] = d
@@ -379,9 +388,17 @@ def _state_view(v: Any) -> dict[str, Any]:
     return {"exists": True, "erased": False, "opted_out": v.get("o"), "counts": p.get("c"), "spend_total": p.get("st")}
 
 
-def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings, guided: Reference | None = None) -> dict[str, Any]:
-    """Check every invariant of the outputs against the reference; returns invariants and their numbers.
-    ``guided`` (``guided_reference``): decisions are compared with it, score included, instead of ``ref``."""
+def _full_state(v: Any) -> dict[str, Any]:
+    """A stored state as flat fields (profile fields as ``p.<name>``), without the watermark ``w``."""
+    if not isinstance(v, dict):
+        return {"exists": v is not None}
+    flat = {f"p.{k}": x for k, x in (v.get("p") or {}).items()}
+    return flat | {k: x for k, x in v.items() if k not in ("p", "w")}
+
+
+def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings, guided: Reference) -> dict[str, Any]:
+    """Check every invariant of the outputs against replay of the file (``ref``, ``compute_reference``) and
+    against the guided replay (``guided_reference``); returns invariants, their numbers and evidence."""
     kinds = topic_kinds(s)
     inv: dict[str, bool] = {}
     num: dict[str, Any] = {}
@@ -432,7 +449,19 @@ def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings, guided: Refe
     num["state_field_differences"] = dict(field_diffs)
     num["events_applied_twice"], num["events_lost"] = twice, lost
     ev["state"] = state_examples
-    inv["state_equals_replay"] = not field_diffs
+    # every stored field (decayed rates, hours, categories, push history, open label windows), against the guided
+    # replay, which applied each user's events in the worker's order; not the partition watermark stored with it
+    # (``w``: it follows how the partition's users interleave, and replay has one partition)
+    full_diffs: collections.Counter = collections.Counter()
+    for user in set(state) | set(guided.users):
+        a, b = _full_state(state.get(user)), _full_state(guided.users.get(user))
+        for f in set(a) | set(b):
+            if a.get(f) != b.get(f):
+                full_diffs[f] += 1
+                if len(ev["state"]) < 2 * EXAMPLES:
+                    ev["state"].append({"user": user, "field": f, "kafka": a.get(f), "guided_replay": b.get(f)})
+    num["state_fields_differing_from_guided_replay"] = dict(full_diffs)
+    inv["state_equals_replay"] = not field_diffs and not full_diffs
 
     # every input record accounted for once: applied (state counts), dead-lettered (dead letters), pushes
     unique_dls = {dl_source(r): r for r in dls}.values()  # copies are counted above, as duplicates
@@ -452,59 +481,48 @@ def compare(ref: Reference, out: dict[str, list[Rec]], s: Settings, guided: Refe
     for r in out["audit"]:
         d = orjson.loads(r.value)
         audit.setdefault(d["decision_id"], d)
-    dref = guided or ref
-    missing = set(dref.audit) - set(audit)
-    extra = set(audit) - set(dref.audit)
-    common = set(audit) & set(dref.audit)
-    action = [i for i in common if audit[i]["action"] != dref.audit[i]["action"]]
-    segment = [i for i in common if audit[i]["segment"] != dref.audit[i]["segment"]]
-    score = [i for i in common if guided is not None and audit[i]["score"] != dref.audit[i]["score"]]
-    causes = explain_differences(audit, dref.audit, missing, extra, set(action) | set(segment) | set(score))
+    missing = set(guided.audit) - set(audit)
+    extra = set(audit) - set(guided.audit)
+    common = set(audit) & set(guided.audit)
+    action = [i for i in common if audit[i]["action"] != guided.audit[i]["action"]]
+    segment = [i for i in common if audit[i]["segment"] != guided.audit[i]["segment"]]
+    score = [i for i in common if audit[i]["score"] != guided.audit[i]["score"]]
+    differ = set(action) | set(segment) | set(score)
     pushes = {orjson.loads(r.value)["decision_id"] for r in out["decisions"]}
     num["decisions"] = {
         "audit_kafka": len(audit),
-        "audit_replay": len(dref.audit),
+        "audit_replay": len(guided.audit),
         "pushes_kafka": len(pushes),
-        "pushes_replay": len(dref.pushes),
+        "pushes_replay": len(guided.pushes),
         "missing": len(missing),
         "extra": len(extra),
         "action_differs": len(action),
         "segment_differs": len(segment),
         "score_differs": len(score),
-        "guided_by_recorded_versions": guided is not None,
-        "versions_unavailable": guided.unavailable if guided is not None else 0,
-        "of_which_other_model_version": causes["model_versions"],
-        "of_which_after_earlier_difference": causes["after_earlier_difference"],
-        "checked_exactly": causes["checked_exactly"],
-        "pushes_missing": len(dref.pushes - pushes),
-        "pushes_extra": len(pushes - dref.pushes),
+        "versions_unavailable": guided.unavailable,
+        "checked_exactly": len(common - differ),
+        "pushes_missing": len(guided.pushes - pushes),
+        "pushes_extra": len(pushes - guided.pushes),
         "missing_by_campaign_action": dict(
-            collections.Counter(f"{dref.audit[i]['campaign']}/{dref.audit[i]['action']}" for i in missing)
+            collections.Counter(f"{guided.audit[i]['campaign']}/{guided.audit[i]['action']}" for i in missing)
         ),
         "extra_by_campaign_action": dict(
             collections.Counter(f"{audit[i]['campaign']}/{audit[i]['action']}" for i in extra)
         ),
-        "action_changes": dict(collections.Counter(f"{dref.audit[i]['action']}->{audit[i]['action']}" for i in action)),
+        "action_changes": dict(
+            collections.Counter(f"{guided.audit[i]['action']}->{audit[i]['action']}" for i in action)
+        ),
     }
-    num["decision_differences"] = len(missing) + len(extra) + len(set(action) | set(segment) | set(score))
-    # Unguided, a worker scores with the model versions that reached it over Kafka (its trainer publishes on record
-    # time), replay with the versions published on event time: a decision may differ where a version differs
-    # (README, Replay without Kafka), and so may the user's later decisions (their caps, cooldowns and fatigue
-    # follow from what was pushed). Guided, replay decides with the worker's recorded versions, so no difference,
-    # score included, is explained by model timing.
-    num["decision_differences_unexplained"] = len(causes["unexplained"])
-    ev["decisions_unexplained"] = [
-        {
-            "kafka": audit.get(i, {}) | {"top_contributions": None},
-            "replay": dref.audit.get(i, {}) | {"top_contributions": None},
-        }
-        for i in sorted(causes["unexplained"])[:EXAMPLES]
+    # The guided replay decides each trigger with the worker's recorded model versions on the user's events in
+    # the worker's order, so every difference, score included, is a failure: none is explained by model timing.
+    num["decision_differences"] = len(missing) + len(extra) + len(differ)
+    ev["decisions_differing"] = [
+        {"kafka": audit[i] | {"top_contributions": None}, "replay": guided.audit[i] | {"top_contributions": None}}
+        for i in sorted(differ)[:EXAMPLES]
     ]
-    ev["decisions_missing"] = [dref.audit[i] | {"top_contributions": None} for i in sorted(missing)[:EXAMPLES]]
+    ev["decisions_missing"] = [guided.audit[i] | {"top_contributions": None} for i in sorted(missing)[:EXAMPLES]]
     ev["decisions_extra"] = [audit[i] | {"top_contributions": None} for i in sorted(extra)[:EXAMPLES]]
-    inv["decisions_equal_replay"] = (
-        num["decision_differences_unexplained"] == 0 and not num["decisions"]["versions_unavailable"]
-    )
+    inv["decisions_equal_replay"] = num["decision_differences"] == 0 and not guided.unavailable
 
     # labels and segment samples vs replay
     label_ids = {orjson.loads(r.value)["decision_id"] for r in labels}
@@ -557,55 +575,6 @@ def compare_trainer(model_inputs: list[Rec], changelog: list[Rec], s: Settings) 
         for k in differ[:EXAMPLES]
     ]
     return {"keys": len(want), "differing_keys": len(differ), "inputs": len(model_inputs)}, evidence
-
-
-def _versions(d: dict) -> tuple[int, int]:
-    return (d["model_version"], d.get("segment_version", 0))
-
-
-def explain_differences(kafka: dict[str, dict], replay: dict[str, dict], missing: set[str], extra: set[str],
-                        differ: set[str]) -> dict[str, Any]:  # fmt: skip
-    """Name the cause of each differing decision, per user in decision time order.
-
-    ``model_versions``: both sides decided it, with another model or segment model version (the decision records
-    both). ``after_earlier_difference``: a missing, extra or differing decision of the same user came at or before
-    it, explained itself, so the user's push history (caps, cooldowns, fatigue features) legitimately differs.
-    ``unexplained``: anything else, above all a user's *first* difference under the same versions.
-
-    >>> d = lambda a, v, t: {"user_id": "u", "action": a, "model_version": v, "segment_version": 1, "decided_at_ms": t}
-    >>> c = explain_differences({"a": d("push", 2, 1), "b": d("push", 3, 2)}, {"a": d("suppress", 3, 1),
-    ...                         "b": d("suppress", 3, 2)}, set(), set(), {"a", "b"})
-    >>> c["model_versions"], c["after_earlier_difference"], c["unexplained"]
-    (1, 1, set())
-    >>> explain_differences({"b": d("push", 3, 2)}, {"b": d("suppress", 3, 2)}, set(), set(), {"b"})["unexplained"]
-    {'b'}
-    """
-    by_user: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
-    for i in set(kafka) | set(replay):
-        d = kafka.get(i) or replay[i]
-        rank = 0 if i in missing or i in extra or i not in differ else 1  # at equal times: a cause first
-        by_user[d["user_id"]].append((d["decided_at_ms"], rank, i))
-    out: dict[str, Any] = {"model_versions": 0, "after_earlier_difference": 0, "checked_exactly": 0,
-                           "unexplained": set()}  # fmt: skip
-    for decisions in by_user.values():
-        diverged_at = None  # decision time of the user's first explained difference
-        for t, _, i in sorted(decisions):
-            both = i not in missing and i not in extra
-            same_versions = both and _versions(kafka[i]) == _versions(replay[i])
-            cascade = diverged_at is not None and diverged_at <= t
-            if both and same_versions and not cascade:
-                out["checked_exactly"] += 1  # the same inputs, so the same decision
-            if i not in differ and both:
-                continue
-            if both and not same_versions:
-                out["model_versions"] += 1
-            elif cascade:
-                out["after_earlier_difference"] += 1
-            else:
-                out["unexplained"].add(i)
-                continue
-            diverged_at = t if diverged_at is None else diverged_at
-    return out
 
 
 async def read_outputs(bootstrap: str, s: Settings) -> dict[str, list[Rec]]:

@@ -344,10 +344,9 @@ class Trainer:
         if seg.buffer:  # restored from an older trainer's single record
             return None
         want = min(int(self._ring_len), seg.reservoir)
-        ring = [v for i in range(-(-want // RING_CHUNK)) for v in chunks.get(i, [])]
-        if len(ring) == want and all(len(chunks.get(i, [])) == min(RING_CHUNK, want - i * RING_CHUNK)
-                                     for i in range(-(-want // RING_CHUNK))):  # fmt: skip
-            seg.buffer = ring
+        parts = [chunks.get(i, []) for i in range(-(-want // RING_CHUNK))]
+        if all(len(part) == min(RING_CHUNK, want - i * RING_CHUNK) for i, part in enumerate(parts)):
+            seg.buffer = [v for part in parts for v in part]
             return None
         self.ring_touched = set()
         return "segment_ring_incomplete"  # the ring refills (learn_one appends while it is short)

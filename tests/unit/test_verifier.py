@@ -15,6 +15,16 @@ from stream_app.settings import Settings
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+def _trainer_state(trainer) -> list:
+    """The trainer changelog records of every learned key (``states`` writes only the ring chunks touched since
+    its last call: called once)."""
+    learned = {k for k, lr in trainer.learners.items() if lr.n_labels or trainer.delayed[k]} | {"segments"}
+    return [
+        verify.Rec(0, i, 0, orjson.dumps(k), orjson.dumps(v))
+        for i, (k, v) in enumerate(trainer.states(sorted(learned)))
+    ]
+
+
 @pytest.fixture(scope="module")
 def run():
     """Replay of a small simulated input as the outputs a worker would have written (records as read back)."""
@@ -29,13 +39,13 @@ def run():
                 params.append(verify.Rec(0, len(params), 0, p["key"].encode(), orjson.dumps(p["params"])))
             elif name == "model_inputs":
                 inputs.append(verify.Rec(0, len(inputs), 0, None, value))
-    records = replayer.finish().records
-    audit = [verify.Rec(0, i, 0, None, v) for i, v in enumerate(records["audit"])]
-    return envelopes, settings, replayer.trainer, audit, params, inputs
+    result = replayer.finish()
+    audit = [verify.Rec(0, i, 0, None, v) for i, v in enumerate(result.records["audit"])]
+    return envelopes, settings, _trainer_state(replayer.trainer), audit, params, inputs, result
 
 
 def test_a_guided_replay_reproduces_every_decision_from_the_versions_it_records(run):
-    envelopes, settings, _, audit, params, _ = run
+    envelopes, settings, _, audit, params, _, _ = run
     decided = [orjson.loads(r.value) for r in audit]
     versions = collections.Counter((d["model_version"] > 0, d["segment_version"] > 0) for d in decided)
     assert versions[(True, True)] > 50  # warm models decided: the guided replay must install them
@@ -49,7 +59,7 @@ def test_a_guided_replay_reproduces_every_decision_from_the_versions_it_records(
 
 
 def test_a_guided_replay_sees_a_decision_the_recorded_models_would_not_make(run):
-    envelopes, settings, _, audit, params, _ = run
+    envelopes, settings, _, audit, params, _, _ = run
     warm = next(i for i, r in enumerate(audit) if orjson.loads(r.value)["model_version"] > 1)
     d = orjson.loads(audit[warm].value)
     planted = list(audit)
@@ -58,18 +68,39 @@ def test_a_guided_replay_sees_a_decision_the_recorded_models_would_not_make(run)
     assert guided.audit[d["decision_id"]]["score"] != d["score"]  # scored with the version it names
 
 
+def test_replays_own_outputs_pass_and_a_planted_state_or_score_fails(run):
+    envelopes, settings, trainer_state, audit, params, inputs, result = run
+    recs = lambda values: [verify.Rec(0, i, 0, None, v) for i, v in enumerate(values)]  # noqa: E731
+    changelog = [verify.Rec(0, i, 0, orjson.dumps(u), orjson.dumps(v)) for i, (u, v) in enumerate(result.users.items())]
+    out = {"audit": audit, "decisions": recs(result.records["decisions"]), "model_inputs": inputs,
+           "dead_letters": recs(result.records["dead_letters"]), "changelog": changelog,
+           "trainer": trainer_state, "params": params}  # fmt: skip
+    ref = verify.compute_reference(envelopes, settings)
+    guided = verify.guided_reference(envelopes, settings, audit, params)
+    checked = verify.compare(ref, out, settings, guided)
+    assert all(checked["invariants"][k] for k in ("state_equals_replay", "decisions_equal_replay",
+                                                 "every_input_accounted_once", "trainer_equals_fold"))  # fmt: skip
+    assert checked["numbers"]["decisions"]["checked_exactly"] == len(audit) > 100
+    # a decayed rate off by 1e-4 (not one of the deterministic fields): only the guided comparison sees it
+    i, (user, state) = next((i, (u, v)) for i, (u, v) in enumerate(result.users.items()) if v.get("p"))
+    bent = state | {"p": state["p"] | {"rs": state["p"]["rs"] + 1e-4}}
+    planted = [*changelog[:i], verify.Rec(0, i, 0, orjson.dumps(user), orjson.dumps(bent)), *changelog[i + 1 :]]
+    failed = verify.compare(ref, out | {"changelog": planted}, settings, guided)
+    assert not failed["invariants"]["state_equals_replay"]
+    assert failed["numbers"]["state_fields_differing_from_guided_replay"] == {"p.rs": 1}
+    assert failed["numbers"]["users_state_differs"] == 0
+    # a score off in the 6th decimal
+    d = orjson.loads(audit[7].value)
+    scored = [*audit[:7], verify.Rec(0, 7, 0, None, orjson.dumps(d | {"score": d["score"] + 1e-06})), *audit[8:]]
+    failed = verify.compare(ref, out | {"audit": scored}, settings, guided)
+    assert not failed["invariants"]["decisions_equal_replay"]
+    assert failed["numbers"]["decisions"]["score_differs"] == 1
+
+
 def test_the_trainer_fold_equals_the_trainer_and_catches_a_lost_or_repeated_input(run):
-    _, settings, trainer, _, _, inputs = run
+    _, settings, state, _, _, inputs, _ = run
     keys = {k for r in inputs for k in [orjson.loads(r.value).get("kind")]}
     assert keys >= {"label", "segment_sample"}
-    state = [
-        verify.Rec(0, i, 0, orjson.dumps(k), orjson.dumps(v))
-        for i, (k, v) in enumerate(
-            trainer.states(
-                sorted({k for k, lr in trainer.learners.items() if lr.n_labels or trainer.delayed[k]} | {"segments"})
-            )
-        )
-    ]
     assert verify.compare_trainer(inputs, state, settings)[0]["differing_keys"] == 0
     sample = next(i for i, r in enumerate(inputs) if orjson.loads(r.value)["kind"] == "segment_sample")
     lost = verify.compare_trainer(inputs[:sample] + inputs[sample + 1 :], state, settings)
@@ -102,3 +133,13 @@ def test_the_applied_order_is_read_back_from_the_changelog_and_the_file_reordere
         "events_moved": 2,
         "users_order_unknown": 0,
     }
+    # applied a2, a3, a1, with a1 repeated before a2: left in place, the repeat would be the copy applied,
+    # before a3 (seen in a full-size run: a score differing in the 6th decimal); every copy moves with its event
+    envelopes = [ev("a", "a1"), ev("b", "b1"), ev("a", "a1"), ev("a", "a2", "like"), ev("b", "b2"), ev("a", "a3")]
+    changelog[2] = verify.Rec(0, 2, 0, b'"a"', state("a2", "a3", "a1"))
+    out, _ = verify.in_applied_order(envelopes, verify.applied_order(changelog))
+    assert [e["value"]["event_id"] for e in out] == ["a2", "b1", "a3", "a1", "b2", "a1"]
+    replayer = Replayer(Settings())
+    for i, env in enumerate(out):
+        replayer.feed(to_message(orjson.dumps(env), i, replayer.settings))
+    assert replayer.finish().users["a"]["p"]["s"] == [event_key(i) for i in ("a2", "a3", "a1")]
