@@ -68,11 +68,12 @@ def run_all(cfg: EvalConfig) -> list[RunResult]:
 
 
 # -- measures ------------------------------------------------------------------------------------------
-def volume_and_outcomes(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+def volume_and_outcomes(results: list[RunResult], cfg: EvalConfig,
+                        policies: Sequence[str] = POLICIES) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per policy: pushes, opt-outs, conversions, incremental conversions per 1,000 pushes (with CIs)."""
     none = {r.seed: r for r in results if r.policy == "none"}
     out: dict[str, dict[str, Any]] = {}
-    for policy in POLICIES:
+    for policy in policies:
         runs = sorted((r for r in results if r.policy == policy), key=lambda r: r.seed)
         row: dict[str, Any] = {
             "pushes_per_user": float(np.mean([r.pushes.sum() / len(r.pushes) for r in runs])),
@@ -209,17 +210,18 @@ def _by_user(users: np.ndarray, converted: np.ndarray) -> np.ndarray:
     return np.column_stack([conv, np.bincount(inv, minlength=len(ids)).astype(float)])
 
 
-def headroom(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+def headroom(results: list[RunResult], cfg: EvalConfig, learned: Sequence[str] = LEARNED,
+             scored: Sequence[str] = ("propensity", "uplift")) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per learned policy: the share of the oracle's headroom over random, ``(policy - random) / (oracle -
     random)`` in incremental conversions per 1,000 pushes, and its difference to random per seed, with 95%
     intervals from a paired bootstrap over users (the same users on a seed, in every policy's run)."""
     none = {r.seed: r for r in results if r.policy == "none"}
     by = {(r.policy, r.seed): r for r in results}
-    seeds = [sd for sd in sorted(none) if all((p, sd) in by for p in LEARNED)]
+    seeds = [sd for sd in sorted(none) if all((p, sd) in by for p in learned)]
     if not seeds:
         return {}
-    idx = {p: i for i, p in enumerate(LEARNED)}
-    groups = [np.column_stack([c for p in LEARNED for c in (by[(p, sd)].payments - none[sd].payments,
+    idx = {p: i for i, p in enumerate(learned)}
+    groups = [np.column_stack([c for p in learned for c in (by[(p, sd)].payments - none[sd].payments,
                                                               by[(p, sd)].pushes)]).astype(float)
               for sd in seeds]  # fmt: skip
 
@@ -229,7 +231,7 @@ def headroom(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[str, A
         return 1000 * sum(g[:, i].sum() for g in gs) / pushes if pushes else math.nan
 
     out: dict[str, dict[str, Any]] = {}
-    for p in ("propensity", "uplift"):
+    for p in scored:
 
         def share(gs: list[np.ndarray], p: str = p) -> float:
             r, o = inc(gs, "random"), inc(gs, "oracle")
@@ -242,9 +244,10 @@ def headroom(results: list[RunResult], cfg: EvalConfig) -> dict[str, dict[str, A
                   "diff_by_seed": [diff([g]) for g in groups],
                   "diff_ci_by_seed": [bootstrap_ci([g], diff, cfg.bootstrap) for g in groups],
                   "seeds": seeds}  # fmt: skip
-    up_minus_prop = lambda gs: inc(gs, "uplift") - inc(gs, "propensity")  # noqa: E731
-    out["uplift"]["minus_propensity"] = up_minus_prop(groups)
-    out["uplift"]["minus_propensity_ci"] = bootstrap_ci(groups, up_minus_prop, cfg.bootstrap)
+    if "uplift" in out and "propensity" in idx:
+        up_minus_prop = lambda gs: inc(gs, "uplift") - inc(gs, "propensity")  # noqa: E731
+        out["uplift"]["minus_propensity"] = up_minus_prop(groups)
+        out["uplift"]["minus_propensity_ci"] = bootstrap_ci(groups, up_minus_prop, cfg.bootstrap)
     return out
 
 

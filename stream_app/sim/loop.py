@@ -25,6 +25,7 @@ report normalises per push anyway.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 import orjson
 
 from stream_app.campaigns import parse_rule
-from stream_app.core.features import extract_traits, feature_dict
+from stream_app.core.features import INDEX, extract_traits, feature_dict
 from stream_app.core.pipeline import Models
 from stream_app.core.policy import Campaign, Guardrails, next_allowed_ms
 from stream_app.core.profile import DAY_MS, HOUR_MS, Profile
@@ -46,10 +47,14 @@ from stream_app.core.uplift import UpliftScorer
 from stream_app.engine import ModelStore
 from stream_app.replay import Replayer
 from stream_app.settings import Settings
+from stream_app.sim.population import class_posterior, expected_uplift
 from stream_app.sim.simulator import SimConfig, Simulator
 from stream_app.sim.stats import adjusted_rand_index
 
 POLICIES = ("none", "random", "propensity", "uplift", "oracle")
+# the ceiling study's oracles (``sim.ceiling``): the true uplift as known from the user's type only, or from its
+# type and response class, not the user's own latent draws (``population.expected_uplift``)
+CEILING_POLICIES = ("type_oracle", "posterior_oracle", "class_oracle")
 RANK_WINDOW = 2000
 CAMPAIGN = "cart_abandonment"
 
@@ -148,8 +153,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     if policy == "none":
         n = sum(1 for _ in sim)
         return _result(policy, config, sim, n, t_start)
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
+    if policy not in POLICIES + CEILING_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES + CEILING_POLICIES}")
     guardrails = Guardrails()
     treated = {"s": PropensityScorer.cold(CAMPAIGN, campaign.prior, campaign.min_labels)}
     context: dict[str, Any] = {"user": None, "ts": 0, "segment": -1}
@@ -162,7 +167,23 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         p1, p0 = sim.probabilities(user, at, campaign.attribution_window_ms, context["ts"])
         return p1 - p0
 
+    def known(know_class: bool, posterior: bool = False) -> Callable[[Sequence[float]], float]:
+        def score(x: Sequence[float]) -> float:
+            user = sim.by_id[context["user"]]
+            at = next_allowed_ms(context["ts"], user.tz_offset_min, guardrails)
+            pushes = sim.dynamics[user.index].pushes
+            mix = None
+            if posterior:  # what the user's own events show: its pushes, clicks through them, payments
+                n, k, m = (round(math.expm1(x[INDEX[f]])) for f in ("log_pushes", "log_push_clicks", "log_payments"))
+                mix = class_posterior(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
+            return expected_uplift(user, at, campaign.attribution_window_ms, pushes, context["ts"], know_class, mix)
+
+        return score
+
     raws: dict[str, Callable[[Sequence[float]], float]] = {
+        "type_oracle": known(False),
+        "class_oracle": known(True),
+        "posterior_oracle": known(False, posterior=True),
         "random": lambda _x: rng.random(),
         "propensity": lambda x: treated["s"].predict_one(x),
         "uplift": lambda x: uplift["s"].predict_uplift_one(feature_dict(x, context["segment"])),

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from stream_app.core.profile import DAY_MS, local_hour
 
@@ -214,7 +216,77 @@ def conversion_probabilities(
     return p_push, p_no
 
 
+MEAN_LIFT = {"persuadable": 0.19, "sure_thing": 0.01}  # means of make_user's uniform draws
+MEAN_ANNOYANCE = 0.5
+MEAN_PAY_MULT = math.exp(0.5**2 / 2)  # mean of make_user's lognormvariate(0, 0.5) payment multiplier
+
+
+def expected_uplift(user: User, at_ms: int, window_ms: int, pushes: list[int], click_at_ms: int | None = None,
+                    know_class: bool = False, classes: dict[str, float] | None = None) -> float:  # fmt: skip
+    """The true uplift of a push as seen by someone who knows the user's **type** (and, ``know_class``, its
+    response class) but none of the user's own latent draws (lift, annoyance, payment multiplier): the mean
+    over the type's response mix of each class's uplift with the class's mean traits. What a policy that
+    recovered the types (segments) perfectly, or that also learned every user's class, could know; the ceiling
+    study (``sim.ceiling``) runs both as policies. ``pushes``: delivery times of the user's earlier pushes;
+    ``classes``: another mix to average over (``class_posterior``).
+
+    >>> u = make_user(0, random.Random(1))
+    >>> t = expected_uplift(u, 12 * 3_600_000, DAY_MS, [])
+    >>> c = expected_uplift(u, 12 * 3_600_000, DAY_MS, [], know_class=True)
+    >>> -1 < t < 1 and -1 < c < 1 and t != c
+    True
+    """
+    ut = user.type
+    if know_class:
+        mix = [(user.response, 1.0)]
+    else:
+        mix = list(classes.items()) if classes is not None else list(zip(RESPONSES, ut.responses, strict=True))
+    recent = sum(1 for t in pushes if at_ms - FATIGUE_WINDOW_MS < t <= at_ms)
+    total = 0.0
+    for response, weight in mix:
+        annoyed = response == "annoyed"
+        hyp = replace(user, response=response, lift=MEAN_LIFT.get(response, 0.0),
+                      annoyance=MEAN_ANNOYANCE if annoyed else 0.0,
+                      pay_per_day=ut.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response])  # fmt: skip
+        until = max(pushes) + ANNOYANCE_MS if annoyed and pushes else -1
+        p1, p0 = conversion_probabilities(hyp, at_ms, window_ms, until, recent, click_at_ms)
+        total += weight * (p1 - p0)
+    return total / sum(w for _, w in mix)
+
+
+# P(a push is clicked through | class): a persuadable user's mean lift (0.19) under typical fatigue and the
+# few night deliveries (about 0.8 of it); sure things' mean lift 0.01; the others never click through a push
+PUSH_CLICK_P = {"persuadable": 0.15, "sure_thing": 0.008, "lost_cause": 1e-4, "annoyed": 1e-4}
+_Z, _ZW = np.polynomial.hermite_e.hermegauss(9)
+_ZW = _ZW / _ZW.sum()
+
+
+def class_posterior(ut: UserType, pushes: int, push_clicks: int, payments: int, days: float) -> dict[str, float]:
+    """P(response class | the user's type, how many of its pushes it clicked through, its payments in ``days``):
+    Bayes' rule with the simulator's own parameters (a binomial per push, a Poisson payment count whose rate
+    carries make_user's log-normal multiplier, integrated by Gauss-Hermite). The best any learner could infer
+    from these observations; the ceiling study's ``posterior_oracle`` ranks by ``expected_uplift`` under it.
+
+    >>> post = class_posterior(TYPES[0], pushes=3, push_clicks=1, payments=0, days=20)
+    >>> max(post, key=post.get), round(sum(post.values()), 6)
+    ('persuadable', 1.0)
+    >>> class_posterior(TYPES[1], pushes=0, push_clicks=0, payments=6, days=20)["sure_thing"] > TYPES[1].responses[1]
+    True
+    """
+    k, n = push_clicks, max(pushes, push_clicks)
+    rates = ut.pay_per_day * max(days, 0.0) * np.exp(0.5 * _Z)
+    post = {}
+    for c, prior in zip(RESPONSES, ut.responses, strict=True):
+        p = PUSH_CLICK_P[c]
+        lam = rates * RESPONSE_PAY_MULT[c]
+        pay = float(np.sum(_ZW * np.exp(payments * np.log(np.maximum(lam, 1e-300)) - lam)))
+        post[c] = prior * p**k * (1 - p) ** (n - k) * pay
+    total = sum(post.values())
+    return {c: v / total for c, v in post.items()} if total > 0 else dict(zip(RESPONSES, ut.responses, strict=True))
+
+
 __all__ = [
-    "CATEGORIES", "RESPONSES", "TYPES", "User", "UserType", "conversion_probabilities", "is_night",
-    "make_population", "make_user", "push_effect",
+    "CATEGORIES", "RESPONSES", "TYPES", "User", "UserType", "class_posterior", "conversion_probabilities",
+    "expected_uplift",
+    "is_night", "make_population", "make_user", "push_effect",
 ]  # fmt: skip

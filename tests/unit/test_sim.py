@@ -159,3 +159,25 @@ def test_evaluate_quick_writes_the_report(tmp_path):
         assert 0 <= r["true_value"] <= 1 and r["ips_ci"][0] <= r["ips"] <= r["ips_ci"][1]
         assert r["dr_ci"][0] <= r["dr"] <= r["dr_ci"][1]
     assert summary["phishing"]["documented_setup"]["accuracy"] == pytest.approx(0.8896, abs=1e-4)  # River's number
+
+
+def test_ceiling_oracles_bracket_what_information_can_buy(tmp_path):
+    """Knowing each user's response class buys nearly all of the oracle's headroom, the type alone little; the
+    posterior from the user's own events lies between (the ceiling study, stream_app/sim/ceiling.py)."""
+    from stream_app.sim.ceiling import main as ceiling
+    from stream_app.sim.population import class_posterior
+
+    ceiling(["--users", "150", "--days", "6", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "ceiling.json").read_text())["policies"]
+    share = {p: v["share_truth"] for p, v in rows.items()}
+    assert share["random"] == 0.0 and share["oracle"] == 1.0
+    assert share["type_oracle"] < share["posterior_oracle"] < share["class_oracle"]
+    assert share["class_oracle"] > 0.8 and share["type_oracle"] < 0.5
+    assert "| class_oracle | type and response class |" in (tmp_path / "ceiling.md").read_text()
+    # one click through a push all but proves a persuadable user; unanswered pushes lower the odds
+    ut = TYPES[2]
+    prior = ut.responses[0]
+    assert class_posterior(ut, 1, 1, 0, 10)["persuadable"] > 0.95
+    assert (
+        class_posterior(ut, 6, 0, 0, 10)["persuadable"] < prior < class_posterior(ut, 0, 0, 0, 10)["persuadable"] + 0.05
+    )
