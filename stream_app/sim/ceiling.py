@@ -31,15 +31,63 @@ from typing import Any
 
 import numpy as np
 
+from stream_app.core.features import INDEX, NEVER_HOURS
+from stream_app.core.policy import Guardrails, next_allowed_ms
+from stream_app.core.profile import DAY_MS, HOUR_MS
 from stream_app.sim.evaluate import EvalConfig, _task, headroom, volume_and_outcomes
+from stream_app.sim.loop import RunResult, eval_campaign
+from stream_app.sim.population import RESPONSES, make_population, mixture_probabilities, posterior_mix
+from stream_app.sim.stats import roc_auc
 
-ORDER = ("none", "random", "type_oracle", "posterior_oracle", "class_oracle", "uplift", "oracle")
+
+def propensity_ceiling(r: RunResult, cfg: EvalConfig) -> dict[str, Any]:
+    """The propensity target's ceiling on one run's labels (after warm-up, as ``evaluate.model_quality``): the
+    ROC AUC of P(convert | the decision's action) as Bayes' rule gives it from what the user's events show
+    (``class_posterior`` over the type's classes with their mean traits), and from the type alone, against the
+    model served and the true probabilities (Bayes-optimal)."""
+    lab = r.labels
+    if not len(lab.get("converted", [])):
+        return {}
+    users = make_population(cfg.users, r.seed)
+    day = (lab["decided_at_ms"] - lab["decided_at_ms"].min()) // DAY_MS
+    keep = np.flatnonzero((day >= cfg.warmup_days) & (day < cfg.days - 1) & lab["warm"].astype(bool))
+    window, guard = eval_campaign(cfg.push_rate).attribution_window_ms, Guardrails()
+    posterior, typed = [], []
+    for i in keep:
+        x, user, t = lab["features"][i], users[int(lab["user"][i])], int(lab["decided_at_ms"][i])
+        n, k, m = (round(math.expm1(x[INDEX[f]])) for f in ("log_pushes", "log_push_clicks", "log_payments"))
+        hours, recent = math.expm1(x[INDEX["log_hours_since_push"]]), int(x[INDEX["pushes_7d"]])
+        pushes = [t - int(hours * HOUR_MS)] * max(recent, 1) if hours < NEVER_HOURS - 1 else []
+        at = next_allowed_ms(t, user.tz_offset_min, guard) if lab["pushed"][i] else t
+        mix = posterior_mix(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
+        side = 0 if lab["pushed"][i] else 1
+        posterior.append(mixture_probabilities(user, at, window, pushes, t, mix)[side])
+        prior = list(zip(RESPONSES, user.type.responses, strict=True))
+        typed.append(mixture_probabilities(user, at, window, pushes, t, prior)[side])
+    y = lab["converted"].astype(bool)[keep]
+    bayes = roc_auc(lab["true_p"][keep], y)
+    out = {"policy": r.policy, "seed": r.seed, "labels": len(keep), "bayes_auc": bayes}
+    for name, p in (("model", lab["model"][keep]), ("posterior", np.asarray(posterior)), ("type", np.asarray(typed))):
+        out[f"{name}_auc"] = roc_auc(p, y)
+        out[f"{name}_ratio"] = out[f"{name}_auc"] / bayes if bayes else math.nan
+    return out
+
+
+ORDER = ("none", "random", "type_oracle", "posterior_oracle", "class_oracle", "uplift", "oracle", "propensity")
 
 
 def study(cfg: EvalConfig, policies: tuple[str, ...] = ORDER) -> dict[str, Any]:
     """Run every (policy, seed) of the study (one process: the machine's other core is left alone)."""
     t0 = time.perf_counter()
     results = [_task((p, s, cfg)) for s in cfg.seeds for p in policies]
+    auc = [propensity_ceiling(r, cfg) for r in results if r.policy == "propensity"]
+    if not {"none", "random", "oracle"} <= set(policies):
+        return {
+            "config": _config(cfg),
+            "policies": {},
+            "propensity": auc,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     learned = tuple(p for p in policies if p != "none")
     volume = volume_and_outcomes(results, cfg, policies)
     shares = headroom(results, cfg, learned=learned, scored=tuple(p for p in learned if p not in ("random", "oracle")))
@@ -59,8 +107,11 @@ def study(cfg: EvalConfig, policies: tuple[str, ...] = ORDER) -> dict[str, Any]:
         }
         for p in learned
     }
-    return {"config": {"users": cfg.users, "days": cfg.days, "seeds": list(cfg.seeds), "push_rate": cfg.push_rate},
-            "policies": rows, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    return {"config": _config(cfg), "policies": rows, "propensity": auc, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _config(cfg: EvalConfig) -> dict[str, Any]:
+    return {"users": cfg.users, "days": cfg.days, "seeds": list(cfg.seeds), "push_rate": cfg.push_rate}
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -91,6 +142,22 @@ def report(res: dict[str, Any], command: str) -> str:
             f"| {_f(v['true_uplift_per_1000'])} | {_f(v['share_truth'], 2)} | {_f(v['score_vs_true_uplift'], 3)} "
             f"| {_f(v['opt_outs_per_1000_users'])} |"
         )
+    if res.get("propensity"):
+        lines += [
+            "",
+            "Propensity ROC AUC after warm-up, on the propensity policy's labels, as a ratio to Bayes-optimal (the "
+            "true probabilities): the model served, Bayes' rule on what the user's events show "
+            "(`posterior`), and the type alone.",
+            "",
+            "| seed | labels | Bayes AUC | model AUC (ratio) | posterior AUC (ratio) | type-only AUC (ratio) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in res["propensity"]:
+            lines.append(
+                f"| {a['seed']} | {a['labels']} | {_f(a['bayes_auc'], 3)} | {_f(a['model_auc'], 3)} "
+                f"({_f(a['model_ratio'], 3)}) | {_f(a['posterior_auc'], 3)} ({_f(a['posterior_ratio'], 3)}) | "
+                f"{_f(a['type_auc'], 3)} ({_f(a['type_ratio'], 3)}) |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -104,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     cfg = EvalConfig(users=a.users, days=a.days, seeds=tuple(int(x) for x in a.seeds.split(",")), workers=1)
     policies = tuple(p for p in a.policies.split(",") if p)
-    if not {"none", "random", "oracle"} <= set(policies):
-        ap.error("the shares need the none, random and oracle runs")
+    if not {"none", "random", "oracle"} <= set(policies) and "propensity" not in policies:
+        ap.error("the shares need the none, random and oracle runs; the AUC ceiling the propensity run")
     res = study(cfg, policies)
     a.out.mkdir(parents=True, exist_ok=True)
     command = "python -m stream_app.sim.ceiling " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

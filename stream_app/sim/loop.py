@@ -47,7 +47,7 @@ from stream_app.core.uplift import UpliftScorer
 from stream_app.engine import ModelStore
 from stream_app.replay import Replayer
 from stream_app.settings import Settings
-from stream_app.sim.population import class_posterior, expected_uplift
+from stream_app.sim.population import expected_uplift, posterior_mix
 from stream_app.sim.simulator import SimConfig, Simulator
 from stream_app.sim.stats import adjusted_rand_index
 
@@ -175,7 +175,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
             mix = None
             if posterior:  # what the user's own events show: its pushes, clicks through them, payments
                 n, k, m = (round(math.expm1(x[INDEX[f]])) for f in ("log_pushes", "log_push_clicks", "log_payments"))
-                mix = class_posterior(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
+                mix = posterior_mix(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
             return expected_uplift(user, at, campaign.attribution_window_ms, pushes, context["ts"], know_class, mix)
 
         return score

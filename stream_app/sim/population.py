@@ -222,13 +222,13 @@ MEAN_PAY_MULT = math.exp(0.5**2 / 2)  # mean of make_user's lognormvariate(0, 0.
 
 
 def expected_uplift(user: User, at_ms: int, window_ms: int, pushes: list[int], click_at_ms: int | None = None,
-                    know_class: bool = False, classes: dict[str, float] | None = None) -> float:  # fmt: skip
+                    know_class: bool = False, classes: list[tuple] | None = None) -> float:  # fmt: skip
     """The true uplift of a push as seen by someone who knows the user's **type** (and, ``know_class``, its
     response class) but none of the user's own latent draws (lift, annoyance, payment multiplier): the mean
     over the type's response mix of each class's uplift with the class's mean traits. What a policy that
     recovered the types (segments) perfectly, or that also learned every user's class, could know; the ceiling
     study (``sim.ceiling``) runs both as policies. ``pushes``: delivery times of the user's earlier pushes;
-    ``classes``: another mix to average over (``class_posterior``).
+    ``classes``: another mix to average over (``posterior_mix``).
 
     >>> u = make_user(0, random.Random(1))
     >>> t = expected_uplift(u, 12 * 3_600_000, DAY_MS, [])
@@ -240,18 +240,29 @@ def expected_uplift(user: User, at_ms: int, window_ms: int, pushes: list[int], c
     if know_class:
         mix = [(user.response, 1.0)]
     else:
-        mix = list(classes.items()) if classes is not None else list(zip(RESPONSES, ut.responses, strict=True))
+        mix = classes if classes is not None else list(zip(RESPONSES, ut.responses, strict=True))
+    p1, p0 = mixture_probabilities(user, at_ms, window_ms, pushes, click_at_ms, mix)
+    return p1 - p0
+
+
+def mixture_probabilities(user: User, at_ms: int, window_ms: int, pushes: list[int], click_at_ms: int | None,
+                          mix: list[tuple]) -> tuple[float, float]:  # fmt: skip
+    """(P(convert | push), P(convert | no push)) averaged over response classes ``mix`` ((class, weight) or
+    (class, weight, payment rate per day)), each with its class's mean traits instead of the user's own draws
+    (see ``expected_uplift``), and the class's mean payment rate unless given."""
+    ut = user.type
     recent = sum(1 for t in pushes if at_ms - FATIGUE_WINDOW_MS < t <= at_ms)
-    total = 0.0
-    for response, weight in mix:
+    t1 = t0 = 0.0
+    for response, weight, *rate in mix:
         annoyed = response == "annoyed"
+        pay = rate[0] if rate else ut.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response]
         hyp = replace(user, response=response, lift=MEAN_LIFT.get(response, 0.0),
-                      annoyance=MEAN_ANNOYANCE if annoyed else 0.0,
-                      pay_per_day=ut.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response])  # fmt: skip
+                      annoyance=MEAN_ANNOYANCE if annoyed else 0.0, pay_per_day=pay)  # fmt: skip
         until = max(pushes) + ANNOYANCE_MS if annoyed and pushes else -1
         p1, p0 = conversion_probabilities(hyp, at_ms, window_ms, until, recent, click_at_ms)
-        total += weight * (p1 - p0)
-    return total / sum(w for _, w in mix)
+        t1, t0 = t1 + weight * p1, t0 + weight * p0
+    total = sum(m[1] for m in mix)
+    return t1 / total, t0 / total
 
 
 # P(a push is clicked through | class): a persuadable user's mean lift (0.19) under typical fatigue and the
@@ -259,6 +270,24 @@ def expected_uplift(user: User, at_ms: int, window_ms: int, pushes: list[int], c
 PUSH_CLICK_P = {"persuadable": 0.15, "sure_thing": 0.008, "lost_cause": 1e-4, "annoyed": 1e-4}
 _Z, _ZW = np.polynomial.hermite_e.hermegauss(9)
 _ZW = _ZW / _ZW.sum()
+
+
+def posterior_mix(ut: UserType, pushes: int, push_clicks: int, payments: int, days: float) -> list[tuple]:
+    """``class_posterior`` with each class's posterior mean payment rate per day (the user's own multiplier,
+    inferred from its payments), as ``mixture_probabilities`` takes it.
+
+    >>> [c for c, w, rate in posterior_mix(TYPES[1], 0, 0, 6, 20) if w > 0.5]
+    ['sure_thing']
+    """
+    post = class_posterior(ut, pushes, push_clicks, payments, days)
+    rates = ut.pay_per_day * np.exp(0.5 * _Z)
+    out = []
+    for c, weight in post.items():
+        lam = rates * RESPONSE_PAY_MULT[c]
+        like = _ZW * np.exp(payments * np.log(np.maximum(lam * max(days, 0.0), 1e-300)) - lam * max(days, 0.0))
+        rate = float(np.sum(like * lam) / np.sum(like)) if np.sum(like) > 0 else float(np.sum(_ZW * lam))
+        out.append((c, weight, rate))
+    return out
 
 
 def class_posterior(ut: UserType, pushes: int, push_clicks: int, payments: int, days: float) -> dict[str, float]:
@@ -287,6 +316,6 @@ def class_posterior(ut: UserType, pushes: int, push_clicks: int, payments: int, 
 
 __all__ = [
     "CATEGORIES", "RESPONSES", "TYPES", "User", "UserType", "class_posterior", "conversion_probabilities",
-    "expected_uplift",
-    "is_night", "make_population", "make_user", "push_effect",
+    "expected_uplift", "is_night", "make_population", "make_user", "mixture_probabilities", "posterior_mix",
+    "push_effect",
 ]  # fmt: skip
