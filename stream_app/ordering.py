@@ -93,12 +93,10 @@ class EventTimeMerge:
         out: list[Any] = []
         for partition in [p for p, n in self.count.items() if n]:
             queues = {t: q for t in self.topics if (q := self.held.get((t, partition)))}
+            # a topic read to its end constrains nothing (what it holds is all there is); one with more to read
+            # may still hold anything from its frontier on
             safe = min(
-                (
-                    self.frontier.get((t, partition), NO_TIME)
-                    for t in self.topics
-                    if (t, partition) in queues or not caught_up(t, partition)
-                ),
+                (self.frontier.get((t, partition), NO_TIME) for t in self.topics if not caught_up(t, partition)),
                 default=None,
             )
             released = 0
