@@ -124,7 +124,7 @@ def report(res: dict[str, Any], command: str) -> str:
         "# Ceiling study: how much of the oracle's headroom information can buy",
         "",
         f"Command: `{command}` ({c['users']} users x {c['days']} days, seeds {c['seeds']}, push rate "
-        f"{c['push_rate']}; {res['seconds']:.0f} s). See `stream_app/sim/ceiling.py` for the two oracles.",
+        f"{c['push_rate']}; {res['seconds']:.0f} s). See `stream_app/sim/ceiling.py` for the oracles.",
         "",
         "| policy | knows | incremental / 1,000 pushes (95% CI) | share, measured (95% CI) "
         "| true uplift of its pushes / 1,000 | share, ground truth | score vs true uplift | opt-outs / 1,000 users |",
@@ -132,7 +132,8 @@ def report(res: dict[str, Any], command: str) -> str:
     ]
     knows = {"random": "nothing", "type_oracle": "the user's type", "class_oracle": "type and response class",
              "posterior_oracle": "type; Bayes' rule on its pushes, clicks through them and payments",
-             "uplift": "events (the product's learner)", "oracle": "every latent draw"}  # fmt: skip
+             "uplift": "events (the product's learner)", "oracle": "every latent draw",
+             "propensity": "events (the product's propensity learner)"}  # fmt: skip
     for p, v in res["policies"].items():
         lo, hi = v["incremental_per_1000_ci"]
         sci = v["share_measured_ci"]
