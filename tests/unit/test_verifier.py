@@ -89,6 +89,13 @@ def test_replays_own_outputs_pass_and_a_planted_state_or_score_fails(run):
     assert not failed["invariants"]["state_equals_replay"]
     assert failed["numbers"]["state_fields_differing_from_guided_replay"] == {"p.rs": 1}
     assert failed["numbers"]["users_state_differs"] == 0
+    # a repeated decision decided again with older models (a zombie under at_least_once): counted as a duplicate
+    # and as repeated with other content, compared by the copy the guided replay's versions made
+    d = orjson.loads(audit[7].value)
+    zombie = verify.Rec(0, len(audit), 0, None, orjson.dumps(d | {"score": 0.5, "model_version": 0}))
+    repeated = verify.compare(ref, out | {"audit": [zombie, *audit]}, settings, guided)
+    assert repeated["invariants"]["decisions_equal_replay"] and not repeated["invariants"]["no_duplicate_audit"]
+    assert repeated["numbers"]["decisions"]["repeated_with_other_content"] == 1
     # a score off in the 6th decimal
     d = orjson.loads(audit[7].value)
     scored = [*audit[:7], verify.Rec(0, 7, 0, None, orjson.dumps(d | {"score": d["score"] + 1e-06})), *audit[8:]]
