@@ -61,6 +61,12 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     last_positions: dict = {}  # noqa: RUF012 (replaced whole, never mutated)
 
+    def last_poll_ms(self, tp: Any) -> int | None:
+        """Wall ms of the last fetch response that updated ``tp``'s highwater (aiokafka's partition state)."""
+        with contextlib.suppress(Exception):
+            return self._ensure_consumer().last_poll_timestamp(tp)
+        return None
+
     def set_fetch_wait(self, ms: int) -> None:
         """The wait of the next fetch requests (the fetcher reads it per request; an int store is atomic)."""
         fetcher = getattr(self.worker_consumer, "_fetcher", None)
@@ -231,7 +237,7 @@ class BatchFeed:
                 return False
             since = self.resumed_at.get(tp)
             if since is not None:
-                if (last_poll_ms(consumer, tp) or 0) < since:
+                if (consumer._thread.last_poll_ms(tp) or 0) < since:
                     return False
                 del self.resumed_at[tp]
             position, highwater = positions.get(tp), consumer.highwater(tp)
@@ -266,13 +272,6 @@ class BatchFeed:
                 log.exception("batch handler failed; stopping the worker")
                 await app.crash(exc)
                 raise
-
-
-def last_poll_ms(consumer: Any, tp: TP) -> int | None:
-    """Wall ms of the last fetch response that updated ``tp``'s highwater (aiokafka's partition state), or None."""
-    with contextlib.suppress(Exception):
-        return consumer._thread._ensure_consumer().last_poll_timestamp(tp)
-    return None
 
 
 async def drain_in_batches(consumer: Any, fetcher: Any, feeds: list[BatchFeed]) -> None:

@@ -35,15 +35,15 @@ from stream_app.core.features import INDEX, NEVER_HOURS
 from stream_app.core.policy import Guardrails, next_allowed_ms
 from stream_app.core.profile import DAY_MS, HOUR_MS
 from stream_app.sim.evaluate import EvalConfig, _task, headroom, volume_and_outcomes
-from stream_app.sim.loop import RunResult, eval_campaign
-from stream_app.sim.population import RESPONSES, make_population, mixture_probabilities, posterior_mix
+from stream_app.sim.loop import RunResult, eval_campaign, history_mix
+from stream_app.sim.population import RESPONSES, make_population, mixture_probabilities
 from stream_app.sim.stats import roc_auc
 
 
 def propensity_ceiling(r: RunResult, cfg: EvalConfig) -> dict[str, Any]:
     """The propensity target's ceiling on one run's labels (after warm-up, as ``evaluate.model_quality``): the
     ROC AUC of P(convert | the decision's action) as Bayes' rule gives it from what the user's events show
-    (``class_posterior`` over the type's classes with their mean traits), and from the type alone, against the
+    (``loop.history_mix``: the type's classes with their mean traits), and from the type alone, against the
     model served and the true probabilities (Bayes-optimal)."""
     lab = r.labels
     if not len(lab.get("converted", [])):
@@ -55,11 +55,10 @@ def propensity_ceiling(r: RunResult, cfg: EvalConfig) -> dict[str, Any]:
     posterior, typed = [], []
     for i in keep:
         x, user, t = lab["features"][i], users[int(lab["user"][i])], int(lab["decided_at_ms"][i])
-        n, k, m = (round(math.expm1(x[INDEX[f]])) for f in ("log_pushes", "log_push_clicks", "log_payments"))
         hours, recent = math.expm1(x[INDEX["log_hours_since_push"]]), int(x[INDEX["pushes_7d"]])
         pushes = [t - int(hours * HOUR_MS)] * max(recent, 1) if hours < NEVER_HOURS - 1 else []
         at = next_allowed_ms(t, user.tz_offset_min, guard) if lab["pushed"][i] else t
-        mix = posterior_mix(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
+        mix = history_mix(user, x)
         side = 0 if lab["pushed"][i] else 1
         posterior.append(mixture_probabilities(user, at, window, pushes, t, mix)[side])
         prior = list(zip(RESPONSES, user.type.responses, strict=True))

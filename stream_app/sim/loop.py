@@ -47,7 +47,7 @@ from stream_app.core.uplift import UpliftScorer
 from stream_app.engine import ModelStore
 from stream_app.replay import Replayer
 from stream_app.settings import Settings
-from stream_app.sim.population import expected_uplift, posterior_mix
+from stream_app.sim.population import User, expected_uplift, posterior_mix
 from stream_app.sim.simulator import SimConfig, Simulator
 from stream_app.sim.stats import adjusted_rand_index
 
@@ -172,10 +172,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
             user = sim.by_id[context["user"]]
             at = next_allowed_ms(context["ts"], user.tz_offset_min, guardrails)
             pushes = sim.dynamics[user.index].pushes
-            mix = None
-            if posterior:  # what the user's own events show: its pushes, clicks through them, payments
-                n, k, m = (round(math.expm1(x[INDEX[f]])) for f in ("log_pushes", "log_push_clicks", "log_payments"))
-                mix = posterior_mix(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
+            mix = history_mix(user, x) if posterior else None
             return expected_uplift(user, at, campaign.attribution_window_ms, pushes, context["ts"], know_class, mix)
 
         return score
@@ -263,6 +260,13 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
     result.final_params = final
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def history_mix(user: User, x: Sequence[float]) -> list[tuple]:
+    """``population.posterior_mix`` from what a decision's features show of the user: its pushes, clicks through
+    them, payments and days known (the ceiling study's posterior oracle)."""
+    n, k, m = (round(math.expm1(x[INDEX[f]])) for f in ("log_pushes", "log_push_clicks", "log_payments"))
+    return posterior_mix(user.type, n, k, m, math.expm1(x[INDEX["log_days_known"]]))
 
 
 class _SegmentSpy(SegmentModel):

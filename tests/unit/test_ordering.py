@@ -106,17 +106,11 @@ def test_a_partition_paused_by_the_merge_is_not_caught_up_until_fetched_again():
 
     clicks, likes = TP("clicks", 0), TP("likes", 0)
 
-    class Aio:  # aiokafka's consumer: when each partition's highwater was last updated
-        polled: dict = {}  # noqa: RUF012
-
-        def last_poll_timestamp(self, tp):
-            return self.polled.get(tp)
-
-    aio = Aio()
+    polled: dict = {}  # when each partition's highwater was last updated (aiokafka's partition state)
 
     class Consumer:  # Faust's consumer, as arrange uses it
         flow_active = True
-        _thread = SimpleNamespace(_ensure_consumer=lambda: aio)
+        _thread = SimpleNamespace(last_poll_ms=polled.get)
         hw: dict = {}  # noqa: RUF012
 
         def highwater(self, tp):
@@ -137,7 +131,7 @@ def test_a_partition_paused_by_the_merge_is_not_caught_up_until_fetched_again():
         return [ts_of(m) for m in feed.arrange(consumer, list(messages), positions)]
 
     long_ago = int(time.time() * 1000) - 60_000
-    aio.polled = {clicks: long_ago, likes: long_ago}
+    polled.update({clicks: long_ago, likes: long_ago})
     # clicks have more to read; likes read to their end: everything up to the clicks' frontier goes
     assert fetch(msg("clicks", 10), msg("clicks", 20), msg("likes", 15), msg("likes", 100),
                  clicks=(2, 5), likes=(2, 2)) == [10, 15, 20]  # fmt: skip
@@ -148,5 +142,5 @@ def test_a_partition_paused_by_the_merge_is_not_caught_up_until_fetched_again():
     # likes' position equals its highwater, but that highwater predates its pause: not caught up, clicks wait
     assert fetch() == []
     # a fetch of likes after the resume brings the like at 50, and likes is caught up: both go, in order
-    aio.polled[likes] = int(time.time() * 1000) + 1
+    polled[likes] = int(time.time() * 1000) + 1
     assert fetch(msg("likes", 50), likes=(3, 3)) == [50, 200]
