@@ -280,11 +280,9 @@ def posterior_mix(ut: UserType, pushes: int, push_clicks: int, payments: int, da
     ['sure_thing']
     """
     post = class_posterior(ut, pushes, push_clicks, payments, days)
-    rates = ut.pay_per_day * np.exp(0.5 * _Z)
     out = []
     for c, weight in post.items():
-        lam = rates * RESPONSE_PAY_MULT[c]
-        like = _ZW * np.exp(payments * np.log(np.maximum(lam * max(days, 0.0), 1e-300)) - lam * max(days, 0.0))
+        like, lam = _payment_likelihood(ut, c, payments, days)
         rate = float(np.sum(like * lam) / np.sum(like)) if np.sum(like) > 0 else float(np.sum(_ZW * lam))
         out.append((c, weight, rate))
     return out
@@ -303,15 +301,20 @@ def class_posterior(ut: UserType, pushes: int, push_clicks: int, payments: int, 
     True
     """
     k, n = push_clicks, max(pushes, push_clicks)
-    rates = ut.pay_per_day * max(days, 0.0) * np.exp(0.5 * _Z)
     post = {}
     for c, prior in zip(RESPONSES, ut.responses, strict=True):
         p = PUSH_CLICK_P[c]
-        lam = rates * RESPONSE_PAY_MULT[c]
-        pay = float(np.sum(_ZW * np.exp(payments * np.log(np.maximum(lam, 1e-300)) - lam)))
-        post[c] = prior * p**k * (1 - p) ** (n - k) * pay
+        post[c] = prior * p**k * (1 - p) ** (n - k) * float(np.sum(_payment_likelihood(ut, c, payments, days)[0]))
     total = sum(post.values())
     return {c: v / total for c, v in post.items()} if total > 0 else dict(zip(RESPONSES, ut.responses, strict=True))
+
+
+def _payment_likelihood(ut: UserType, response: str, payments: int, days: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per Gauss-Hermite node of the log-normal payment multiplier: its weight times the Poisson likelihood of
+    ``payments`` in ``days`` (up to the factorial), and the class's payment rate per day there."""
+    lam = ut.pay_per_day * np.exp(0.5 * _Z) * RESPONSE_PAY_MULT[response]
+    total = lam * max(days, 0.0)
+    return _ZW * np.exp(payments * np.log(np.maximum(total, 1e-300)) - total), lam
 
 
 __all__ = [
