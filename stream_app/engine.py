@@ -30,7 +30,7 @@ from stream_app.core.pipeline import (
     set_consent,
     stored_due_ms,
 )
-from stream_app.core.policy import Campaign, suppression_code
+from stream_app.core.policy import Campaign, held_at, suppression_code
 from stream_app.core.propensity import PropensityScorer
 from stream_app.core.segments import SegmentModel
 from stream_app.core.timers import Timers, partition_for
@@ -409,6 +409,8 @@ class Engine:
             effects.append(m.decisions[(d.campaign, d.action)].inc)
             if (code := suppression_code(d)) is not None:
                 effects.append(m.suppressions[(d.campaign, code)].inc)
+            elif (when := held_at(d)) is not None:
+                effects.append(m.pushes_held[(d.campaign, when)].inc)
         if event_ms is not None and out.decisions:
             effects.append(lambda: m.event_to_decision_seconds.observe(max(0.0, time.time() - event_ms / 1000)))
         for name in out.ineligible:

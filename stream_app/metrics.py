@@ -49,6 +49,7 @@ class Metrics:
     segment_drift: dict[tuple[str], Gauge]
     suppressed_erased: Counter
     suppressions: dict[tuple[str, str], Counter]
+    pushes_held: dict[tuple[str, str], Counter]
     repartitioned: Counter
     timers_fired: Counter
     timers_pending: Gauge
@@ -142,6 +143,11 @@ class Metrics:
         erased = Counter(
             "stream_app_events_of_erased_users_total", "Events of erased users, dropped unprocessed.", registry=registry
         )
+        held = Counter(
+            "stream_app_pushes_held_total", "Pushes held through quiet hours, by campaign and send time: quiet_end "
+            "(the end of quiet hours) or active_hour (later, at the user's learned most responsive hour).",
+            ["campaign", "send_at"], registry=registry,
+        )  # fmt: skip
         suppressions = Counter(
             "stream_app_suppressions_total", "Suppressed decisions by campaign and the rule that suppressed.",
             ["campaign", "reason"], registry=registry,
@@ -200,6 +206,7 @@ class Metrics:
             event_loop_lag_seconds=loop_lag,
             state_recovery_seconds=recovery,
             suppressions=_Children(suppressions, ("campaign", "reason")),
+            pushes_held=_Children(held, ("campaign", "send_at")),
             repartitioned=repartitioned,
             timers_fired=fired,
             timers_pending=pending,

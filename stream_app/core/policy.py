@@ -262,6 +262,8 @@ def decide(
             reasons.append("suppress:quiet_hours")
             return out("suppress", probability)
         reasons.append("hold:quiet_hours")
+        moved = send_at != next_allowed_ms(now_ms, profile.tz_offset_min, guardrails)
+        reasons.append(HELD_AT[1] if moved else HELD_AT[0])
     if in_holdout(user_id, campaign):
         reasons.append(f"holdout:{campaign.holdout_share:g}")
         return out("holdout", probability)
@@ -300,6 +302,22 @@ def suppression_code_of(action: str, reasons: Sequence[str]) -> str | None:
     if reason.startswith("score<"):
         return "below_threshold"
     return next((c for c in SUPPRESSION_CODES if reason.startswith(c)), "other")
+
+
+HELD_AT = ("send_at:quiet_end", "send_at:active_hour")  # a held push's send time: the end of quiet hours, or later
+
+
+def held_at(decision: Decision) -> str | None:
+    """The bounded send-time code of a held push (for metrics): ``quiet_end``, or ``active_hour`` when the
+    user's learned hour (``send_time``) moved it past the end of quiet hours; None for any other decision.
+
+    >>> d = Decision("id", "u", "c", "push", 0.3, 0, 0, 1.0, 0, 9, 99, "e", ("hold:quiet_hours", HELD_AT[1]), (), ())
+    >>> held_at(d)
+    'active_hour'
+    """
+    if decision.action != "push":
+        return None
+    return next((r[8:] for r in decision.reasons if r in HELD_AT), None)
 
 
 def choose(decisions: Sequence[Decision], priorities: dict[str, int]) -> list[Decision]:

@@ -83,6 +83,20 @@ async def test_triggers_produce_audited_decisions_and_pushes_only_for_push_servi
     assert all(d["model_version"] == 0 and any(r.startswith("cold_start:") for r in d["reasons"]) for d in cart)
 
 
+async def test_pushes_held_through_quiet_hours_are_counted_by_their_send_time(sa):
+    async with sa.process_events.test_context() as agent:  # T0 is 22:13 UTC: quiet hours for a UTC user
+        await put_all(agent, *(ev(i, "a") for i in range(12)))
+    for call in sa.outbox.flush.await_args_list:  # effects apply once their batch is durable
+        if (done := call.kwargs.get("done")) is not None:
+            done()
+    held = [d for d in sent(sa, "decisions") if "hold:quiet_hours" in d["reasons"]]
+    assert held and all(d["reasons"][-1] == "send_at:quiet_end" and d["send_at_ms"] > d["decided_at_ms"] for d in held)
+    value = sa.metrics.registry.get_sample_value
+    assert sum(value("stream_app_pushes_held_total", {"campaign": c, "send_at": "quiet_end"}) or 0
+               for c in {d["campaign"] for d in held}) == len(held)  # fmt: skip
+    assert value("stream_app_pushes_held_total", {"campaign": held[0]["campaign"], "send_at": "active_hour"}) is None
+
+
 async def test_opt_out_suppresses_and_erase_forgets_the_user(sa):
     async with sa.apply_consent.test_context() as consent, sa.process_events.test_context() as events:
         await consent.put(b'{"user_id":"a","action":"opt_out"}', key=b"a", timestamp=T0)  # before any event

@@ -54,6 +54,7 @@ def test_dashboard_covers_what_operators_watch():
         "stream_app_events_consumed_total", "stream_app:consumer_lag:sum", "stream_app_events_rejected_total",
         "stream_app_decisions_total", "stream_app_suppressions_total", "stream_app_event_to_decision_seconds",
         "stream_app_uplift", "stream_app_model_roc_auc", "stream_app_state_bytes", "faust_rebalances_total",
+        "stream_app_pushes_held_total", "stream_app_model_versions_rejected_total",
     )  # fmt: skip
     for metric in watched:
         assert metric in exprs, metric

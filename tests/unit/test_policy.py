@@ -13,6 +13,7 @@ from stream_app.core.policy import (
     choose,
     decide,
     decision_id,
+    held_at,
     in_holdout,
     ineligibility,
     next_allowed_ms,
@@ -63,6 +64,11 @@ def test_quiet_hours_hold_until_the_local_morning_or_drop():
     d = run(p, now=23 * HOUR_MS)
     assert d.action == "push" and "hold:quiet_hours" in d.reasons
     assert d.send_at_ms == 30 * HOUR_MS  # 08:00 local (UTC+2) is 06:00 UTC the next day
+    assert d.reasons[-1] == "send_at:quiet_end" and held_at(d) == "quiet_end"
+    evening = update_profile(p, Event("e9", "click", "u", 17 * HOUR_MS, tz_offset_min=120))[0]  # 19:00 local
+    later = run(evening, now=23 * HOUR_MS, g=replace(G, quiet_send_at="active_hour"))
+    assert later.send_at_ms == 41 * HOUR_MS and later.reasons[-1] == "send_at:active_hour"  # 19:00 local next day
+    assert held_at(later) == "active_hour" and held_at(run(evening)) is None  # not held: no send-time code
     dropped = run(p, now=23 * HOUR_MS, g=replace(G, quiet_mode="drop"))
     assert dropped.action == "suppress" and "suppress:quiet_hours" in dropped.reasons
 
