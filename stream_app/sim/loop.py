@@ -54,7 +54,9 @@ from stream_app.sim.stats import adjusted_rand_index
 POLICIES = ("none", "random", "propensity", "uplift", "oracle")
 # the ceiling study's oracles (``sim.ceiling``): the true uplift as known from the user's type only, or from its
 # type and response class, not the user's own latent draws (``population.expected_uplift``)
-CEILING_POLICIES = ("type_oracle", "posterior_oracle", "class_oracle")
+# (``thompson_oracle``: the posterior oracle scoring one class drawn from its posterior: it explores users
+# whose class is uncertain, so their clicks reveal it, instead of always pushing the likeliest responders)
+CEILING_POLICIES = ("type_oracle", "posterior_oracle", "thompson_oracle", "class_oracle")
 RANK_WINDOW = 2000
 CAMPAIGN = "cart_abandonment"
 
@@ -167,12 +169,16 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         p1, p0 = sim.probabilities(user, at, campaign.attribution_window_ms, context["ts"])
         return p1 - p0
 
-    def known(know_class: bool, posterior: bool = False) -> Callable[[Sequence[float]], float]:
+    draw = random.Random(f"thompson:{config.seed}")
+
+    def known(know_class: bool, posterior: bool = False, sample: bool = False) -> Callable[[Sequence[float]], float]:
         def score(x: Sequence[float]) -> float:
             user = sim.by_id[context["user"]]
             at = next_allowed_ms(context["ts"], user.tz_offset_min, guardrails)
             pushes = sim.dynamics[user.index].pushes
             mix = history_mix(user, x) if posterior else None
+            if mix is not None and sample:
+                mix = draw.choices(mix, weights=[m[1] for m in mix])
             return expected_uplift(user, at, campaign.attribution_window_ms, pushes, context["ts"], know_class, mix)
 
         return score
@@ -181,6 +187,7 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         "type_oracle": known(False),
         "class_oracle": known(True),
         "posterior_oracle": known(False, posterior=True),
+        "thompson_oracle": known(False, posterior=True, sample=True),
         "random": lambda _x: rng.random(),
         "propensity": lambda x: treated["s"].predict_one(x),
         "uplift": lambda x: uplift["s"].predict_uplift_one(feature_dict(x, context["segment"])),

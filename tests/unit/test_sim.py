@@ -173,6 +173,7 @@ def test_ceiling_oracles_bracket_what_information_can_buy(tmp_path):
     assert share["random"] == 0.0 and share["oracle"] == 1.0
     assert share["type_oracle"] < share["posterior_oracle"] < share["class_oracle"]
     assert share["class_oracle"] > 0.8 and share["type_oracle"] < 0.5
+    assert share["random"] < share["thompson_oracle"] < share["class_oracle"]  # a class drawn, not the best guess
     assert "| class_oracle | type and response class |" in (tmp_path / "ceiling.md").read_text()
     # one click through a push all but proves a persuadable user; unanswered pushes lower the odds
     ut = TYPES[2]
