@@ -72,8 +72,8 @@ def propensity_ceiling(r: RunResult, cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
-ORDER = ("none", "random", "type_oracle", "posterior_oracle", "thompson_oracle", "class_oracle", "uplift", "oracle",
-         "propensity")  # fmt: skip
+ORDER = ("none", "random", "type_oracle", "posterior_oracle", "thompson_oracle", "type_payments_oracle",
+         "payments_oracle", "class_oracle", "uplift", "oracle", "propensity")  # fmt: skip
 
 
 def study(cfg: EvalConfig, policies: tuple[str, ...] = ORDER) -> dict[str, Any]:
@@ -133,6 +133,8 @@ def report(res: dict[str, Any], command: str) -> str:
     knows = {"random": "nothing", "type_oracle": "the user's type", "class_oracle": "type and response class",
              "posterior_oracle": "type; Bayes' rule on its pushes, clicks through them and payments",
              "thompson_oracle": "as posterior_oracle, scoring one class drawn from the posterior (explores)",
+             "payments_oracle": "as posterior_oracle, minus the annoyance it causes after the 24 h window",
+             "type_payments_oracle": "as type_oracle, minus the annoyance it causes after the 24 h window",
              "uplift": "events (the product's learner)", "oracle": "every latent draw",
              "propensity": "events (the product's propensity learner)"}  # fmt: skip
     for p, v in res["policies"].items():

@@ -47,7 +47,7 @@ from stream_app.core.uplift import UpliftScorer
 from stream_app.engine import ModelStore
 from stream_app.replay import Replayer
 from stream_app.settings import Settings
-from stream_app.sim.population import User, expected_uplift, posterior_mix
+from stream_app.sim.population import RESPONSES, User, annoyance_after_window, expected_uplift, posterior_mix
 from stream_app.sim.simulator import SimConfig, Simulator
 from stream_app.sim.stats import adjusted_rand_index
 
@@ -56,7 +56,10 @@ POLICIES = ("none", "random", "propensity", "uplift", "oracle")
 # type and response class, not the user's own latent draws (``population.expected_uplift``)
 # (``thompson_oracle``: the posterior oracle scoring one class drawn from its posterior: it explores users
 # whose class is uncertain, so their clicks reveal it, instead of always pushing the likeliest responders)
-CEILING_POLICIES = ("type_oracle", "posterior_oracle", "thompson_oracle", "class_oracle")
+# (``payments_oracle``, ``type_payments_oracle``: the posterior or type oracle scoring incremental payments, the
+# annoyance after the attribution window too)
+CEILING_POLICIES = ("type_oracle", "posterior_oracle", "thompson_oracle", "payments_oracle", "type_payments_oracle",
+                    "class_oracle")  # fmt: skip
 RANK_WINDOW = 2000
 CAMPAIGN = "cart_abandonment"
 
@@ -171,7 +174,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
 
     draw = random.Random(f"thompson:{config.seed}")
 
-    def known(know_class: bool, posterior: bool = False, sample: bool = False) -> Callable[[Sequence[float]], float]:
+    def known(know_class: bool, posterior: bool = False, sample: bool = False,
+              horizon: bool = False) -> Callable[[Sequence[float]], float]:  # fmt: skip
         def score(x: Sequence[float]) -> float:
             user = sim.by_id[context["user"]]
             at = next_allowed_ms(context["ts"], user.tz_offset_min, guardrails)
@@ -179,7 +183,12 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
             mix = history_mix(user, x) if posterior else None
             if mix is not None and sample:
                 mix = draw.choices(mix, weights=[m[1] for m in mix])
-            return expected_uplift(user, at, campaign.attribution_window_ms, pushes, context["ts"], know_class, mix)
+            window = campaign.attribution_window_ms
+            uplift = expected_uplift(user, at, window, pushes, context["ts"], know_class, mix)
+            if horizon:
+                prior = [(user.response, 1.0)] if know_class else list(zip(RESPONSES, user.type.responses, strict=True))
+                uplift -= annoyance_after_window(user, at, window, pushes, mix or prior)
+            return uplift
 
         return score
 
@@ -188,6 +197,8 @@ def run(policy: str, config: SimConfig, push_rate: float = 0.05, settings: Setti
         "class_oracle": known(True),
         "posterior_oracle": known(False, posterior=True),
         "thompson_oracle": known(False, posterior=True, sample=True),
+        "payments_oracle": known(False, posterior=True, horizon=True),
+        "type_payments_oracle": known(False, horizon=True),
         "random": lambda _x: rng.random(),
         "propensity": lambda x: treated["s"].predict_one(x),
         "uplift": lambda x: uplift["s"].predict_uplift_one(feature_dict(x, context["segment"])),

@@ -265,6 +265,29 @@ def mixture_probabilities(user: User, at_ms: int, window_ms: int, pushes: list[i
     return t1 / total, t0 / total
 
 
+def annoyance_after_window(user: User, at_ms: int, window_ms: int, pushes: list[int], mix: list[tuple]) -> float:
+    """Expected organic payments a push delivered at ``at_ms`` costs *after* its attribution window: an annoyed
+    user's organic rate stays lowered for ``ANNOYANCE_MS`` (7 days), so most of the harm falls outside a 24 h
+    window, where neither the labels nor ``expected_uplift`` see it, while incremental conversions count it.
+    ``mix`` as in ``mixture_probabilities`` (class, weight[, payment rate per day]); class means, not the user's own
+    draws.
+
+    >>> u = make_user(0, random.Random(1))
+    >>> round(annoyance_after_window(u, 0, DAY_MS, [], [("annoyed", 1.0, 0.1)]), 4)  # 0.5 x 0.1 / day x 6 days
+    0.3
+    >>> annoyance_after_window(u, 0, DAY_MS, [], [("persuadable", 1.0, 0.1)])
+    0.0
+    """
+    until = max(pushes) + ANNOYANCE_MS if pushes else -1  # annoyed already (if annoyed at all) until then
+    extra = max(0, at_ms + ANNOYANCE_MS - max(at_ms + window_ms, until)) / DAY_MS
+    loss = 0.0
+    for response, weight, *rate in mix:
+        if response == "annoyed":
+            pay = rate[0] if rate else user.type.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response]
+            loss += weight * MEAN_ANNOYANCE * pay * extra
+    return loss / sum(m[1] for m in mix)
+
+
 # P(a push is clicked through | class): a persuadable user's mean lift (0.19) under typical fatigue and the
 # few night deliveries (about 0.8 of it); sure things' mean lift 0.01; the others never click through a push
 PUSH_CLICK_P = {"persuadable": 0.15, "sure_thing": 0.008, "lost_cause": 1e-4, "annoyed": 1e-4}
