@@ -246,6 +246,8 @@ class Worker:
             if (why := trainer.restored()) is not None:
                 log.warning("trainer state segments: %s", why)
             self.trainer_fresh = True
+            for name in trainer.rejected:  # exported from 0: a dashboard shows "no refusals", not "no data"
+                m.models_rejected[(name,)].inc(0)
         batch: list[Record] = []
         results: list[str | None] = []
         # models are persisted once per batch, not per input: a batch is acked only after its

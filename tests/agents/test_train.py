@@ -54,6 +54,8 @@ async def test_labels_train_persist_and_publish_new_versions(sa):
     assert versions == [1, 2]  # at T0 and once more after 1 s of record time; never per label
     assert [p["n_labels"] for _, p in published] == [1, 11]  # the label at T0 + 1.0 s triggers version 2
     assert sa.metrics.model_inputs_ignored._value.get() == 1
+    rejected = {"model": "propensity:cart_abandonment"}  # exported at 0 before any refusal (dashboards show 0)
+    assert sa.metrics.registry.get_sample_value("stream_app_model_versions_rejected_total", rejected) == 0
     assert state["n_labels"] == 20  # the learning state is persisted on every label
     assert not math.isnan(sa.trainer.quality["cart_abandonment"].log_loss)
 
