@@ -255,7 +255,7 @@ def mixture_probabilities(user: User, at_ms: int, window_ms: int, pushes: list[i
     t1 = t0 = 0.0
     for response, weight, *rate in mix:
         annoyed = response == "annoyed"
-        pay = rate[0] if rate else ut.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response]
+        pay = _class_pay(ut, response, rate)
         hyp = replace(user, response=response, lift=MEAN_LIFT.get(response, 0.0),
                       annoyance=MEAN_ANNOYANCE if annoyed else 0.0, pay_per_day=pay)  # fmt: skip
         until = max(pushes) + ANNOYANCE_MS if annoyed and pushes else -1
@@ -263,6 +263,11 @@ def mixture_probabilities(user: User, at_ms: int, window_ms: int, pushes: list[i
         t1, t0 = t1 + weight * p1, t0 + weight * p0
     total = sum(m[1] for m in mix)
     return t1 / total, t0 / total
+
+
+def _class_pay(ut: UserType, response: str, rate: list[float]) -> float:
+    """A mix entry's payment rate per day: its own (``posterior_mix``), else the class's mean."""
+    return rate[0] if rate else ut.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response]
 
 
 def annoyance_after_window(user: User, at_ms: int, window_ms: int, pushes: list[int], mix: list[tuple]) -> float:
@@ -283,7 +288,7 @@ def annoyance_after_window(user: User, at_ms: int, window_ms: int, pushes: list[
     loss = 0.0
     for response, weight, *rate in mix:
         if response == "annoyed":
-            pay = rate[0] if rate else user.type.pay_per_day * MEAN_PAY_MULT * RESPONSE_PAY_MULT[response]
+            pay = _class_pay(user.type, response, rate)
             loss += weight * MEAN_ANNOYANCE * pay * extra
     return loss / sum(m[1] for m in mix)
 
